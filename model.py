@@ -61,7 +61,7 @@ class QwenVLConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 151643
     eos_token_id: int = 151645
-    pad_token_id: int = 151643
+    pad_token_id: int | None = None  # absent from the official config; the tokenizer knows it
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
@@ -99,7 +99,7 @@ class QwenVLConfig:
 
     def to_hf(self, dtype="bfloat16"):
         """The official flat config.json layout, which transformers 4.x, 5.x and vLLM all read."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("vision", "mrope_section")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("vision", "mrope_section") and v is not None}
         v = asdict(self.vision)
         v.update(model_type="qwen2_5_vl", in_chans=v["in_channels"], spatial_patch_size=v["patch_size"],
                  hidden_act="silu")
