@@ -1,0 +1,470 @@
+"""
+Evaluate a checkpoint on MATH500, MathVision and MathVerse, and measure its cognitive behaviours.
+
+Every number the project reports about a checkpoint comes from this file. The prompt is built by
+build_messages, the answer is judged by reward.is_equiv (the verifier the RL reward calls too), and
+pass@1 is averaged over n samples per problem (avg@n).
+
+Data (once; data/prepare_eval.py says where to download each benchmark):
+  python data/prepare_eval.py math500 PATH/prm800k/math_splits/test.jsonl
+  python data/prepare_eval.py mathvision PATH/MATH-V/data
+  python data/prepare_eval.py mathverse PATH/MathVerse
+  python data/prepare_eval.py demo                      # a few problems for the CPU demo
+Run (re-running the same command resumes from the per-sample JSONL files in out_dir):
+  python eval.py config/eval_demo.py --model=out/sft    # CPU, torch engine, tiny model
+  python eval.py config/eval_ovr7b.py --model=out/rl    # 1 GPU, vLLM, the paper's benchmarks
+  python eval.py config/eval_ovr7b.py --model=out/rl --judge_url=http://localhost:8000/v1 --judge_model=gpt-4o
+Report:
+  python eval.py table out/eval_*                       # Markdown table: checkpoints side by side + published numbers
+  python eval.py plot runs/rl_demo [runs/other ...]     # training curves -> runs/rl_demo/curves.png
+Outputs in out_dir: <benchmark>.jsonl (one line per sample), summary.json (scores and the run's settings),
+config.json (the settings; a resume with other decoding settings is refused).
+"""
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+
+from tqdm import tqdm
+
+import reward
+
+# -----------------------------------------------------------------------------
+# checkpoint and engine
+model = "out/rl"            # checkpoint directory (HF layout, as sft.py / rl.py save it)
+out_dir = ""                # results folder; "" means out/eval_<name of the model folder>
+engine = "vllm"             # "vllm" (GPU) | "torch" (any device, slow)
+device = "cuda"             # torch engine only
+dtype = "bfloat16"          # torch engine only: "float32" | "bfloat16"
+# benchmarks: <data_dir>/<name>.jsonl files written by data/prepare_eval.py
+data_dir = "data/eval"
+benchmarks = "math500,mathvision,mathvision_mini,mathverse_vision_only"  # comma-separated names
+limit = 0                   # only the first N problems of each benchmark (0 = all); for smoke runs
+# decoding. OVR publishes none; these follow ORZ (avg@16 at T=1.0), see shared/notes/ovr_recipe.md §1.5
+template = "ovr"            # a name in TEMPLATES, or a literal prompt with {question} (and {choices})
+temperature = 1.0
+top_p = 1.0
+max_tokens = 32768          # generated tokens per response; OVR's traces run past 10k, a low cap lowers scores
+n = 16                      # samples per problem; pass@1 is their mean (avg@n)
+pass_k = "1,4,16"           # comma-separated k for pass@k (k <= n)
+batch_size = 64             # problems per engine.generate call; results are written after each call
+seed = 0
+# behaviours: the regex detector always runs; the LLM judge (the paper's method) only when judge_url is set
+judge_url = ""              # OpenAI-compatible base URL ending in /v1; the key comes from $OPENAI_API_KEY
+judge_model = "gpt-4o"      # OVR used GPT-4o (App. C.2)
+judge_benchmarks = "mathvision_mini"  # comma-separated; OVR's behaviour numbers are on MathVision testmini
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+TEMPLATES = {
+    # OVR's prompt is unpublished (ovr_recipe.md §1.3); its traces are "<think> ... </think> summary" and
+    # its reward reads \boxed{}, so we ask for exactly that.
+    "ovr": "{question}{choices}\n\nThink step by step inside <think> </think>, then put the final answer in \\boxed{}.",
+    # ORZ's instruction (ovr_recipe.md §2.1), paraphrased, as a user turn of the chat template.
+    "orz": "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+           "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning is "
+           "enclosed in <think> </think> and the answer in <answer> </answer>, with the final answer inside "
+           "\\boxed{}.\nThis is the problem:\n{question}{choices}",
+}
+LETTERS = "ABCDEFGHIJ"
+# Published numbers, in percent (OVR paper Tables 2 and 3, copied in ovr_recipe.md §1.6). MathVision is
+# the full 3,040-problem test set and MathVerse the testmini Vision-Only split (§1.5).
+REFERENCE = {
+    "Qwen2.5-VL-7B": {"math500": 67.4, "mathvision": 25.5, "mathverse_vision_only": 41.1},
+    "OVR-7B": {"math500": 95.3, "mathvision": 51.8, "mathverse_vision_only": 54.6},
+}
+
+
+def load_problems(path):
+    """Read a benchmark in the shared problem format (contracts.md); image paths become absolute."""
+    root, problems, seen = os.path.dirname(os.path.abspath(path)), [], set()
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                p = json.loads(line)
+                missing = [k for k in ("id", "question", "answer") if k not in p]
+            except (json.JSONDecodeError, TypeError) as e:
+                missing = [str(e)]
+            if missing or str(p["id"]) in seen:
+                why = f"missing {missing}" if missing else f"duplicate id {p['id']!r}"
+                raise ValueError(f"{path}:{i}: bad problem ({why}); expected the problem format of contracts.md")
+            p["id"], p["answer"] = str(p["id"]), str(p["answer"])
+            seen.add(p["id"])
+            p["images"] = [os.path.join(root, im) for im in p.get("images", [])]
+            for im in p["images"]:
+                if not os.path.exists(im):
+                    raise FileNotFoundError(f"{path}:{i}: image {im} not found; download the benchmark's "
+                                            "images next to the JSONL (see data/prepare_eval.py)")
+            problems.append(p)
+    return problems
+
+
+def build_messages(problem, template="ovr"):
+    """One user turn: the images first, then the question, with choices listed as 'A. ...'."""
+    template = TEMPLATES.get(template, template)
+    assert "{question}" in template, f"a prompt template needs a {{question}} slot, got {template!r}"
+    lines = [L if c == L else f"{L}. {c}" for L, c in zip(LETTERS, problem.get("choices") or [])]
+    choices = "\n\nChoices:\n" + "\n".join(lines) if lines else ""
+    question = problem["question"] + ("" if "{choices}" in template else choices)
+    text = template.replace("{question}", question).replace("{choices}", choices)
+    content = [{"type": "image", "image": im} for im in problem.get("images", [])]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+
+
+def score_response(response, problem):
+    """The one definition of correct: the same extraction and verifier as the RL reward."""
+    pred = reward.extract_answer(response)
+    correct = pred is not None and reward.is_equiv(pred, problem["answer"], choices=problem.get("choices"))
+    return {"correct": bool(correct), "pred": pred}
+
+
+def pass_at_k(n, c, k):
+    """P(at least one of k samples is correct) given c of n correct: the unbiased estimator of
+    Chen et al. 2021 (Codex, eq. 1), 1 - C(n-c, k) / C(n, k), in its stable product form."""
+    assert 0 <= c <= n and 1 <= k <= n, (n, c, k)
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+# -----------------------------------------------------------------------------
+# Cognitive behaviours. OVR (Table 1, §5.2) pairs four linguistic behaviours from Gandhi et al. 2025 with
+# visual counterparts and counts them with a GPT-4o judge. The regex detector below is a fast, cheap
+# proxy for that judge (rl.py logs it every step): it finds the typical phrasings, it will miss others.
+
+_V = r"(?:image|figure|diagram|picture|graph|chart|plot|drawing|illustration)"
+BEHAVIOUR_PATTERNS = {
+    "backtracking": [
+        r"\bwait\b\s*[,.!]", r"\bthat'?s? (?:is )?(?:not right|wrong|incorrect)\b",
+        r"\b(?:i|we) made (?:a|an) (?:mistake|error)",
+        r"\bmy (?:previous|earlier|first) \w+(?: \w+)? (?:was|is) (?:wrong|incorrect)", r"\bon second thought\b",
+        r"\b(?:let'?s|let me|i'?ll) try (?:a different|another|a new) (?:approach|way|method)", r"\bdead end\b",
+        r"\b(?:start|starting) over\b", r"\b(?:let me|let'?s) (?:re-?think|reconsider|redo)\b"],
+    "verification": [
+        r"\b(?:let me|let'?s|i'?ll|i should|we should|we can) (?:double[- ]?check|verify|check|confirm)\b",
+        r"\bto (?:verify|confirm|double[- ]?check)\b", r"\bsanity check\b", r"\bchecks out\b",
+        r"\b(?:plug|plugging|substitut\w+) (?:\w+ )?back\b"],
+    "subgoal_setting": [
+        r"\bfirst,? (?:let'?s|let me|(?:i|we)(?:'ll| will| need to| should| have to| must))\b", r"\bstep \d+\b",
+        r"\bbreak (?:this|it|the problem) (?:down|into)\b", r"\bsub-?(?:goal|problem|task)s?\b",
+        r"\b(?:the )?(?:first|next) step is\b", r"\blet'?s (?:start|begin) (?:by|with)\b"],
+    "backward_chaining": [
+        r"\bwork(?:ing)? backwards?\b",
+        r"\b(?:start|starting|begin) (?:from|with) the (?:goal|answer|target|desired)\b",
+        r"\bto (?:find|get|determine|compute|calculate|solve for)\b[^.\n]{1,60}?,? (?:i|we) (?:need|must|have) to "
+        r"(?:know|find|compute|calculate|determine|figure out)\b"],
+    "visual_reflection": [
+        r"\b(?:look|looking|glance|see|check|checking|examin\w*|inspect|(?:go|going|refer|referring) back to)"
+        rf"\b[^.\n]{{0,25}}\bthe {_V} (?:again|once more|more carefully|more closely)\b",
+        rf"\bre-?(?:examin|inspect|visit|read)\w* the {_V}", rf"\bback (?:at|to) the {_V}"],
+    "visual_verification": [
+        rf"\b(?:verif|check|confirm|cross-?check|compar)\w*\b[^.\n]{{0,40}}?\b(?:against|with|using) the {_V}",
+        rf"\b(?:consistent|matches|agrees?) with (?:the |what the )?{_V}", rf"\bthe {_V} (?:confirms|agrees)"],
+    "visual_divide_and_conquer": [
+        r"\b(?:look|focus|examine|consider)\w* (?:first )?(?:at |on )?the [\w ]{0,30}?\b(?:on|in|at) the "
+        r"(?:left|right|top|bottom|upper|lower|middle|center|centre)\b",
+        r"\b(?:left|right|top|bottom|upper|lower)(?:[- ]\w+)? "
+        rf"(?:part|side|half|portion|region|panel|section|corner|row|column) of the {_V}",
+        rf"\beach (?:part|region|section|panel|row|column|piece|shape) (?:of|in) the {_V}"],
+    "visual_goal_tracing": [
+        r"\bto (?:find|get|determine|answer|compute|count)\b[^.\n]{0,60}?,? (?:i|we) (?:need|must|have) to "
+        r"(?:find|locate|identify|look for|spot)\b[^.\n]{0,20}?\b(?:object|shape|item|point|line|region|segment)",
+        r"\b(?:i|we) (?:need|must|have) to (?:locate|find|identify|look for|spot|trace) "
+        rf"[^.\n]{{1,40}}? (?:in|on) the {_V}",
+        r"\btrac(?:e|ing) (?:the|along|back)\b[^.\n]{0,30}?\b(?:path|line|edge|curve|route|arrow)"],
+}
+BEHAVIOURS = list(BEHAVIOUR_PATTERNS)
+VISUAL_OF = {"visual_reflection": "backtracking", "visual_verification": "verification",  # visual -> linguistic
+             "visual_divide_and_conquer": "subgoal_setting", "visual_goal_tracing": "backward_chaining"}
+# one alternation per behaviour over lowercased text: 3-4x faster than separate IGNORECASE patterns
+# (~0.3 ms per 1k characters on one core), and a phrase two patterns both match counts once
+_COMPILED = {b: re.compile("|".join(f"(?:{p})" for p in ps)) for b, ps in BEHAVIOUR_PATTERNS.items()}
+
+
+def detect_behaviours(text):
+    """Counts of each behaviour's phrases in one response (the fast detector)."""
+    text = text.lower()
+    return {b: len(p.findall(text)) for b, p in _COMPILED.items()}
+
+
+def behaviour_rates(counts):
+    """Emergence rate (CBR): the share of responses with count > 0, per behaviour. Transfer rate (BTR):
+    CBR_visual / CBR_linguistic per pair (OVR App. C.1); None when the linguistic one never shows."""
+    rates = {b: sum(c.get(b, 0) > 0 for c in counts) / max(len(counts), 1) for b in BEHAVIOURS}
+    for v, lang in VISUAL_OF.items():
+        rates[f"transfer/{v}"] = rates[v] / rates[lang] if rates[lang] > 0 else None
+    return rates
+
+
+# Definitions for the judge, written from OVR Table 1 and Gandhi et al.'s classifier prompts (only OVR's
+# backtracking prompt is published, ovr_recipe.md §1.4).
+JUDGE_DEFINITIONS = {
+    "backtracking": "the model realises that a path, calculation or assumption is wrong or unproductive and explicitly "
+                    "switches to a different approach (e.g. 'That led to a dead end. Let's try subtracting instead.')",
+    "verification": "the model checks an intermediate or final result (e.g. 'Let me verify: 3 * 4 = 12. Correct.')",
+    "subgoal_setting": "the model breaks the problem into intermediate goals (e.g. 'First I find r, then the area.')",
+    "backward_chaining": "the model works backwards from the goal to what it needs (e.g. 'To get the area, I need r.')",
+    "visual_reflection": "the model goes back to the image to re-examine it (e.g. 'Let me see the image again.')",
+    "visual_verification": "it checks a result against the image (e.g. 'I will now verify this against the image.')",
+    "visual_divide_and_conquer": "the model splits the image into parts to examine one at a time "
+                                 "(e.g. 'Let's first look at the numbers on the left.')",
+    "visual_goal_tracing": "the model starts from the goal and searches the image for what it needs "
+                           "(e.g. 'To get this answer, I need to find an object that...')",
+}
+JUDGE_PROMPT = """Read a problem and a model's reasoning, and count one behaviour in the reasoning.
+Behaviour ({name}): {definition}.
+
+Problem Statement: {question}
+
+Model's Reasoning: {response}
+
+Count distinct instances of this behaviour. Give the count in <count>X</count> tags; if there are none,
+write <count>0</count>."""
+
+
+def judge_behaviours(question, response, url, model="gpt-4o", behaviours=BEHAVIOURS, timeout=120):
+    """The paper's measure (OVR §5.2, App. C.2): an LLM counts each behaviour, one request per behaviour,
+    through an OpenAI-compatible /chat/completions endpoint. A reply without a <count> tag counts 0."""
+    counts = {}
+    for name in behaviours:
+        prompt = JUDGE_PROMPT.format(name=name, definition=JUDGE_DEFINITIONS[name], question=question,
+                                     response=response)
+        body = json.dumps({"model": model, "temperature": 0.0, "messages": [{"role": "user", "content": prompt}]})
+        headers = {"Content-Type": "application/json",
+                   "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'none')}"}
+        for attempt in range(3):  # endpoints drop requests now and then; retry with backoff
+            try:
+                req = urllib.request.Request(url.rstrip("/") + "/chat/completions", body.encode(), headers)
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    reply = json.load(r)["choices"][0]["message"]["content"] or ""
+                break
+            except (urllib.error.URLError, TimeoutError):
+                if attempt == 2:
+                    raise
+                time.sleep(2 ** attempt)
+        found = re.findall(r"<count>\s*(\d+)\s*</count>", reply)
+        counts[name] = int(found[-1]) if found else 0
+    return counts
+
+# -----------------------------------------------------------------------------
+
+
+def read_jsonl(path):
+    """Records of a JSONL file; a torn last line (a run killed mid-write) is dropped."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # only the last line may be torn
+                raise ValueError(f"{path}:{i}: not JSON; delete the file to start over") from None
+    return records
+
+
+def evaluate(engine, problems, template, n, temperature, top_p, max_tokens, out_path=None, resume=True,
+             batch_size=64, seed=0, judge=None, pass_k=(1,)):
+    """Sample n responses per problem, score them, detect behaviours, append one line per sample to
+    out_path, and return summarise() of these problems. With resume, problems whose n samples are already
+    in out_path are not sampled again (one with fewer is redone). judge(question, response) -> counts."""
+    old = read_jsonl(out_path) if out_path and resume and os.path.exists(out_path) else []
+    samples = defaultdict(set)
+    for r in old:
+        samples[r["id"]].add(r["sample"])
+    done = {i for i, s in samples.items() if s == set(range(n))}
+    old = [r for r in old if r["id"] in done]
+    question = {p["id"]: p["question"] for p in problems}
+    if judge:  # a judge added to a finished run: judge the stored responses, sample nothing new
+        for r in tqdm([r for r in old if r["id"] in question and "judge" not in r], desc="judge"):
+            r["judge"] = judge(question[r["id"]], r["response"])
+    if out_path:  # rewrite without torn lines and half-done problems, then append
+        with open(out_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in old)
+        os.replace(out_path + ".tmp", out_path)
+    records = [r for r in old if r["id"] in question]  # a run with a smaller --limit keeps the rest on disk
+    todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
+    f = open(out_path, "a", encoding="utf-8") if out_path else None
+    pbar = tqdm(total=len(problems) * n, initial=len(records), desc=os.path.basename(out_path or "eval"))
+    for b in range(0, len(todo), batch_size):
+        batch = todo[b:b + batch_size]
+        outs = engine.generate([build_messages(p, template) for _, p in batch], n=n, temperature=temperature,
+                               top_p=top_p, max_tokens=max_tokens, seed=seed + batch[0][0])
+        for (_, p), completions in zip(batch, outs):
+            assert len(completions) == n, f"engine returned {len(completions)} samples for {p['id']}, wanted {n}"
+            for j, c in enumerate(completions):
+                r = {"id": p["id"], "sample": j, "subject": p.get("subject"), "level": p.get("level"),
+                     "answer": p["answer"], **score_response(c.text, p), "finish_reason": c.finish_reason,
+                     "num_tokens": len(c.token_ids), "behaviours": detect_behaviours(c.text), "response": c.text}
+                if judge:
+                    r["judge"] = judge(p["question"], c.text)
+                records.append(r)
+                if f:
+                    f.write(json.dumps(r) + "\n")
+        if f:
+            f.flush()  # a problem's n samples are on disk before the next batch starts
+        pbar.update(len(batch) * n)
+        pbar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}",
+                         trunc=f"{sum(r['finish_reason'] == 'length' for r in records) / len(records):.2f}")
+    pbar.close()
+    if f:
+        f.close()
+    summary = summarise(records, pass_k)
+    if summary.get("truncated", 0) > 0.05:
+        print(f"WARNING: {100 * summary['truncated']:.0f}% of responses hit max_tokens={max_tokens}; they are "
+              "mostly scored wrong, so this accuracy is a lower bound. Raise max_tokens.", file=sys.stderr)
+    return summary
+
+
+def summarise(records, pass_k=(1,)):
+    """Scores of one benchmark from its per-sample records: accuracy = avg@n = pass@1 (the mean over
+    problems of the share of correct samples), pass@k, breakdowns by subject and level, behaviour rates."""
+    by_id = defaultdict(list)
+    for r in records:
+        by_id[r["id"]].append(r)
+    if not by_id:
+        return {"problems": 0}
+    mean = lambda xs: sum(xs) / len(xs)
+    acc = {i: mean([r["correct"] for r in rs]) for i, rs in by_id.items()}
+    n = min(len(rs) for rs in by_id.values())
+    s = {"problems": len(by_id), "samples": len(records), "n": n, "accuracy": mean(list(acc.values()))}
+    for k in pass_k:
+        if k <= n:
+            s[f"pass@{k}"] = mean([pass_at_k(len(rs), sum(r["correct"] for r in rs), k) for rs in by_id.values()])
+    s["truncated"] = mean([r["finish_reason"] == "length" for r in records])
+    s["response_tokens_mean"] = mean([r["num_tokens"] for r in records])
+    for key in ("subject", "level"):
+        groups = defaultdict(list)
+        for i, rs in by_id.items():
+            if rs[0].get(key) is not None:
+                groups[str(rs[0][key])].append(acc[i])
+        s[f"by_{key}"] = {g: mean(v) for g, v in sorted(groups.items())}
+    s["behaviours"] = behaviour_rates([r["behaviours"] for r in records])
+    judged = [r["judge"] for r in records if "judge" in r]
+    if judged:
+        s["behaviours_judge"] = behaviour_rates(judged)
+    return s
+
+
+def markdown_table(runs, behaviour_bench="mathvision_mini"):
+    """runs: {checkpoint: {benchmark: summary}}. Accuracy in percent, rows benchmarks, columns checkpoints,
+    the published numbers as reference columns; then behaviour emergence and transfer rates on one benchmark."""
+    names = list(runs)
+    benches = [b for ref in REFERENCE.values() for b in ref] + [b for r in runs.values() for b in r]
+    benches = list(dict.fromkeys(benches))  # unique, in order
+    cell = lambda s: f"{100 * s['accuracy']:.1f}" if s and "accuracy" in s else "–"
+    lines = ["| benchmark | " + " | ".join([f"{m} (paper)" for m in REFERENCE] + names) + " |",
+             "|---" * (1 + len(REFERENCE) + len(names)) + "|"]
+    for b in benches:
+        ref = [f"{REFERENCE[m][b]:.1f}" if b in REFERENCE[m] else "–" for m in REFERENCE]
+        lines.append(f"| {b} | " + " | ".join(ref + [cell(runs[m].get(b)) for m in names]) + " |")
+    measured = [b for b in benches if any(b in r for r in runs.values())]
+    if measured:
+        bb = behaviour_bench if behaviour_bench in measured else measured[0]
+        lines += ["", f"Behaviour emergence rates (regex detector; transfer = visual / linguistic) on {bb}:", "",
+                  "| behaviour | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+        for key in BEHAVIOURS + [f"transfer/{v}" for v in VISUAL_OF]:
+            vals = [runs[m].get(bb, {}).get("behaviours", {}).get(key) for m in names]
+            lines.append(f"| {key} | " + " | ".join("–" if v is None else f"{100 * v:.1f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def plot(run_dirs, out_path):
+    """Reward, accuracy, response length and behaviour rates over steps from each run's metrics.jsonl,
+    one panel each (panels without data are left out), every run a line, into one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {os.path.basename(os.path.normpath(d)): read_jsonl(os.path.join(d, "metrics.jsonl")) for d in run_dirs}
+    panels = [("reward_mean", "reward"), ("accuracy", "accuracy"), ("response_len_mean", "response length (tokens)"),
+              ("behaviour/", "behaviour rate")]
+    keys = {k for rows in runs.values() for r in rows for k in r}
+    panels = [(key, title) for key, title in panels if any(k.startswith(key) for k in keys)]
+    assert panels, f"no reward_mean / accuracy / response_len_mean / behaviour/* in the metrics.jsonl of {run_dirs}"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for name, rows in runs.items():
+            for k in sorted({k for r in rows for k in r if k.startswith(key)}):
+                pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
+                label = name if k == key else f"{name} {k.removeprefix(key)}"
+                if pts:
+                    ax.plot(*zip(*pts), label=label)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+# -----------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["plot"]:
+        assert sys.argv[2:], "usage: python eval.py plot RUN_DIR [RUN_DIR ...]"
+        print("wrote", plot(sys.argv[2:], os.path.join(sys.argv[2], "curves.png")))
+        sys.exit()
+    if sys.argv[1:2] == ["table"]:
+        runs = {}
+        for d in sys.argv[2:]:
+            path = os.path.join(d, "summary.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs[os.path.basename(os.path.normpath(d))] = json.load(f)["benchmarks"]
+            else:
+                print(f"skipping {d}: no summary.json", file=sys.stderr)
+        print(markdown_table(runs))
+        sys.exit()
+
+    import torch
+    from model import QwenVL, configure, load_tokenizer
+    from rollout import make_engine
+    configure(globals(), sys.argv[1:])
+    config = {k: globals()[k] for k in config_keys}
+    out_dir = out_dir or os.path.join("out", "eval_" + os.path.basename(os.path.normpath(model)))
+    os.makedirs(out_dir, exist_ok=True)
+    print(json.dumps(config, indent=2))
+    # a resume with other decoding settings would mix two experiments in one file
+    settings = os.path.join(out_dir, "config.json")
+    if os.path.exists(settings):
+        with open(settings) as f:
+            old = json.load(f)
+        changed = [k for k in ("model", "template", "temperature", "top_p", "max_tokens", "n")
+                   if old.get(k) != config[k]]
+        assert not changed, f"{out_dir} holds a run with other {changed}; pass another --out_dir or delete it"
+    with open(settings, "w") as f:
+        json.dump(config, f, indent=2)
+
+    tokenizer = load_tokenizer(model)
+    net = QwenVL.from_pretrained(model, device=device, dtype=getattr(torch, dtype)) if engine == "torch" else None
+    eng = make_engine(engine, net, tokenizer, model_path=model)  # vLLM loads its own copy of the weights
+
+    summary_path = os.path.join(out_dir, "summary.json")
+    results = {}
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            results = json.load(f)["benchmarks"]
+    ks = [int(k) for k in pass_k.split(",") if k]
+    for name in [b for b in benchmarks.split(",") if b]:
+        problems = load_problems(os.path.join(data_dir, name + ".jsonl"))[: limit or None]
+        judge = None
+        if judge_url and name in judge_benchmarks.split(","):
+            judge = functools.partial(judge_behaviours, url=judge_url, model=judge_model)
+        results[name] = evaluate(eng, problems, template, n, temperature, top_p, max_tokens,
+                                 out_path=os.path.join(out_dir, name + ".jsonl"), batch_size=batch_size,
+                                 seed=seed, judge=judge, pass_k=ks)
+        with open(summary_path, "w") as f:
+            json.dump({"config": config, "benchmarks": results}, f, indent=2)
+        s = results[name]
+        scores = "  ".join(f"{k} {100 * v:.1f}" for k, v in s.items() if k == "accuracy" or k.startswith("pass@"))
+        print(f"{name}: {scores}  truncated {100 * s.get('truncated', 0):.1f}%")
+    print(markdown_table({os.path.basename(os.path.normpath(out_dir)): results}))
