@@ -12,15 +12,21 @@ The module tree mirrors the official checkpoint names (`model.layers.*`, `visual
 so `state_dict()` is the checkpoint. Facts and shapes: shared/notes/qwen25vl.md.
 """
 
+import ast
+import difflib
 import json
 import math
 import os
+import random
 import sys
+import tokenize
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
@@ -665,3 +671,467 @@ def official_name(name):
     if name.startswith("model.visual."):
         return name[len("model."):]
     return name
+
+
+# -----------------------------------------------------------------------------
+# Image preprocessing (no torchvision)
+# Bit-for-bit the same as transformers' Qwen2VLImageProcessorPil (the PIL backend): convert to RGB
+# (alpha composited on white), PIL bicubic resize to a multiple of 28, x/255 in float64 cast to
+# float32, CLIP normalise in float32, then cut into 14x14 patches in 2x2 merge-block order.
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_PIXELS = 56 * 56          # official preprocessor_config.json
+MAX_PIXELS = 28 * 28 * 1280   # transformers' class default (the official file says 28*28*16384)
+
+
+def smart_resize(height, width, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    # both sides become multiples of `factor`, the area lands in [min_pixels, max_pixels], and the
+    # aspect ratio is kept as well as rounding allows (Python round: ties to even)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def load_image(image):
+    # path or PIL image -> RGB PIL image. Transparency is composited onto white, as transformers does;
+    # EXIF orientation is NOT applied (neither does the image processor).
+    if not isinstance(image, Image.Image):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file not found: {path}")
+        image = Image.open(path)
+        image.load()
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+                     patch_size=14, temporal_patch_size=2, merge_size=2):
+    image = load_image(image)
+    h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
+    image = image.resize((w, h), resample=Image.BICUBIC)
+    x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)  # (h, w, 3)
+    x = (x - np.array(IMAGE_MEAN, dtype=np.float32)) / np.array(IMAGE_STD, dtype=np.float32)
+    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
+    x = x.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p): rows in 2x2 merge-block order
+    # a still image is a 'video' of temporal_patch_size identical frames; the frame axis goes after C
+    x = np.repeat(x[:, :, :, :, :, None], temporal_patch_size, axis=5)
+    pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, -1))  # (N, 3*2*14*14)
+    return pixel_values, torch.tensor([1, gh, gw], dtype=torch.long)
+
+
+def preprocess_images(images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **kw):
+    # several images, concatenated in order: (sum N_i, 1176) and image_grid_thw (n, 3)
+    out = [preprocess_image(im, min_pixels, max_pixels, **kw) for im in images]
+    return torch.cat([pv for pv, _ in out]), torch.stack([g for _, g in out])
+
+
+# -----------------------------------------------------------------------------
+# Chat rendering: the official Qwen2.5-VL chat template, then image-pad expansion
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+# Verbatim from Qwen/Qwen2.5-VL-7B-Instruct chat_template.json; format_chat below renders the same
+# text in Python (the tests check one against the other).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _is_image_item(item):
+    return item.get("type") == "image" or "image" in item or "image_url" in item
+
+
+def _chat_pieces(messages, add_generation_prompt):
+    # The template as a list of (text, is_assistant_content, image_or_None). Assistant content and
+    # its closing <|im_end|> are flagged: they are the tokens the SFT loss is taken on.
+    pieces = []
+    if messages and messages[0]["role"] != "system":
+        pieces.append((f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n", False, None))
+    for msg in messages:
+        train = msg["role"] == "assistant"
+        pieces.append((f"<|im_start|>{msg['role']}\n", False, None))
+        content = msg["content"]
+        if isinstance(content, str):
+            pieces.append((content, train, None))
+        else:
+            for item in content:
+                if _is_image_item(item):
+                    pieces.append((IMAGE_PLACEHOLDER, train, item.get("image", item.get("image_url"))))
+                elif item.get("type") == "video" or "video" in item:
+                    pieces.append((VIDEO_PLACEHOLDER, train, None))
+                elif "text" in item:
+                    pieces.append((item["text"], train, None))
+        pieces.append(("<|im_end|>", train, None))
+        pieces.append(("\n", False, None))
+    if add_generation_prompt:
+        pieces.append(("<|im_start|>assistant\n", False, None))
+    return pieces
+
+
+def format_chat(messages, add_generation_prompt=False):
+    # template text with ONE <|image_pad|> per image (the form vLLM expands itself)
+    return "".join(text for text, _, _ in _chat_pieces(messages, add_generation_prompt))
+
+
+def render_chat(messages, tokenizer, add_generation_prompt=False, min_pixels=MIN_PIXELS,
+                max_pixels=MAX_PIXELS, image_root=None, merge_size=2):
+    # Expand each image's <|image_pad|> to t*h*w/merge^2 copies, tokenise the whole text in one call
+    # (BPE can merge across piece boundaries, e.g. "assistant\n" + "\n..." -> "\n\n"), and mark the
+    # loss tokens from character spans: a token is trained if it overlaps an assistant span. A token
+    # straddling the header/content boundary therefore counts as content.
+    text, spans, pixel_values, grids = "", [], [], []
+    for piece, train, image in _chat_pieces(messages, add_generation_prompt):
+        if piece == IMAGE_PLACEHOLDER:
+            assert image is not None, "image item without an 'image' field"
+            if isinstance(image, (str, os.PathLike)) and image_root is not None:
+                image = os.path.join(image_root, image)
+            pv, grid = preprocess_image(image, min_pixels, max_pixels, merge_size=merge_size)
+            pixel_values.append(pv)
+            grids.append(grid)
+            piece = piece.replace("<|image_pad|>", "<|image_pad|>" * (int(grid.prod()) // merge_size**2))
+        elif piece == VIDEO_PLACEHOLDER:
+            raise ValueError("video items are not supported by render_chat")
+        if train:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    assert tokenizer.is_fast, "render_chat needs a fast tokenizer (for the offsets mapping)"
+    enc = tokenizer(text, return_offsets_mapping=True)
+    input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).view(-1, 2)
+    loss_mask = torch.zeros(len(input_ids), dtype=torch.long)
+    for a, b in spans:
+        loss_mask |= ((offsets[:, 0] < b) & (offsets[:, 1] > a)).long()
+    loss_mask[input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 0  # never a target
+    return dict(input_ids=input_ids, loss_mask=loss_mask,
+                pixel_values=torch.cat(pixel_values) if pixel_values else None,
+                image_grid_thw=torch.stack(grids) if grids else None)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# Tiny model pieces, offline: tokenizer, config.json, preprocessor/generation configs
+
+# the 14 special tokens of the Qwen2/2.5 tokenizer, in id order (151643.. in the real one)
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
+# punctuation runs, newline runs, whitespace
+QWEN_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def default_corpus(n_arith=400, seed=0):
+    # enough text for BPE to learn the words of the demo (reasoning in <think>, \boxed answers,
+    # reflection phrases, shapes and colours); digits stay single tokens by the split regex
+    rng = random.Random(seed)
+    words = ("think answer boxed Let me wait Wait verify check image picture count total sum "
+             "difference product number numbers shape shapes circle circles square squares triangle "
+             "triangles red blue green yellow black white left right top bottom first second then so "
+             "therefore because answer is the of and in on how many what which are there Hmm again "
+             "Yes No correct compute calculate step Step equals plus minus times divided question "
+             "User Assistant system user assistant solve look carefully re-check").split()
+    corpus = [
+        "A conversation between User and Assistant. The User asks a question, and the Assistant "
+        "solves it. The Assistant first thinks about the reasoning process in the mind and then "
+        "provides the User with the answer. The reasoning process is enclosed within <think> </think> "
+        "and the final answer is put in \\boxed{}.",
+        "<think> Let me look at the image carefully. I count the shapes first. Wait, let me verify "
+        "that again. </think> The answer is \\boxed{7}.",
+        "Let me check: 3 + 4 = 7. Wait, I should verify. 7 - 4 = 3, so that is correct.",
+        "How many red circles are in the image? Answer with a number in \\boxed{}.",
+        " ".join(words), " ".join(w.capitalize() for w in words),
+    ]
+    # the chat template's own words start a segment right after <|im_start|> (no leading space)
+    corpus += ["system\nYou are a helpful assistant.", "user\n", "assistant\n"] * 50
+    corpus += [f"{w} " for w in ("Wait", "Let", "So", "Therefore", "Hmm", "Yes", "The", "First", "Now")] * 30
+    for _ in range(n_arith):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice(["+", "-", "*", "/"])
+        w = rng.sample(words, 4)
+        corpus.append(f"<think> Let me compute {a} {op} {b}. {w[0]} {w[1]}, wait, {w[2]} {w[3]}. "
+                      f"Let me verify: {a} {op} {b} = {a + b}. </think> The answer is \\boxed{{{a + b}}}.\n")
+        corpus.append(f"What is {a} {op} {b}?\nThere are {a} {rng.choice(words)} in the image\n\n")
+    return corpus
+
+
+def build_tiny_tokenizer(corpus=None, vocab_size=1024):
+    # A byte-level BPE trained in memory with Qwen2's normaliser/pre-tokenizer/decoder, then the 14
+    # Qwen special tokens appended (ids vocab..vocab+13, not 151643..), wrapped for transformers.
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors, trainers)
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus or default_corpus(), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None, chat_template=CHAT_TEMPLATE,
+                                   model_max_length=32768)
+
+
+def _mrope_section(head_dim):
+    # split head_dim/2 rotary frequencies over (t, h, w) like the official [16, 24, 24] of 64
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    assert head_dim % 2 == 0 and t > 0, f"head_dim {head_dim} too small for M-RoPE"
+    return [t, h, half - t - h]
+
+
+def tiny_config_dict(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vision_depth=4, vision_hidden_size=32,
+                     vision_num_heads=2, vision_intermediate_size=64, fullatt_block_indexes=(1, 3),
+                     tie_word_embeddings=False, vocab_size=None, rope_theta=1e6, rms_norm_eps=1e-6,
+                     window_size=112, max_position_embeddings=32768):
+    # a FLAT config.json in the official Qwen2.5-VL layout (loads in transformers 4.5x and 5.x)
+    head_dim = hidden_size // num_attention_heads
+    assert hidden_size % num_attention_heads == 0 and num_attention_heads % num_key_value_heads == 0
+    assert vision_hidden_size % vision_num_heads == 0 and (vision_hidden_size // vision_num_heads) % 4 == 0, \
+        "vision head_dim must be divisible by 4 (2D rope: half rows, half cols, rotate-half)"
+    tid = tokenizer.convert_tokens_to_ids
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "attention_dropout": 0.0,
+        "bos_token_id": tid("<|endoftext|>"),
+        "eos_token_id": tid("<|im_end|>"),
+        "pad_token_id": tid("<|endoftext|>"),
+        "vision_start_token_id": tid("<|vision_start|>"),
+        "vision_end_token_id": tid("<|vision_end|>"),
+        "vision_token_id": tid("<|vision_pad|>"),
+        "image_token_id": tid("<|image_pad|>"),
+        "video_token_id": tid("<|video_pad|>"),
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": max_position_embeddings,
+        "max_window_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_hidden_layers,
+        "num_key_value_heads": num_key_value_heads,
+        "rms_norm_eps": rms_norm_eps,
+        "rope_theta": rope_theta,
+        "rope_scaling": {"type": "mrope", "mrope_section": _mrope_section(head_dim)},
+        "sliding_window": max_position_embeddings,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size or len(tokenizer),
+        "vision_config": {
+            "depth": vision_depth,
+            "hidden_act": "silu",
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": vision_intermediate_size,
+            "num_heads": vision_num_heads,
+            "in_chans": 3,
+            "out_hidden_size": hidden_size,  # the merger projects straight into the LLM
+            "patch_size": 14,
+            "spatial_patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": window_size,
+            "fullatt_block_indexes": list(fullatt_block_indexes),
+            "tokens_per_second": 2,
+        },
+    }
+
+
+def save_tokenizer(tokenizer, out_dir):
+    # transformers 5.x writes tokenizer_class "TokenizersBackend", which 4.x cannot load;
+    # "Qwen2Tokenizer" loads in both and gives the same ids
+    tokenizer.save_pretrained(out_dir)
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "Qwen2Tokenizer"
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+
+
+def write_tiny_extras(out_dir, tokenizer, min_pixels=56 * 56, max_pixels=28 * 28 * 64):
+    # everything in a model dir except config.json and the weights
+    os.makedirs(out_dir, exist_ok=True)
+    save_tokenizer(tokenizer, out_dir)
+    tid = tokenizer.convert_tokens_to_ids
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
+    }
+    generation = {"bos_token_id": tid("<|endoftext|>"), "pad_token_id": tid("<|endoftext|>"),
+                  "eos_token_id": [tid("<|im_end|>"), tid("<|endoftext|>")]}
+    for name, obj in [("preprocessor_config.json", preprocessor), ("generation_config.json", generation)]:
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# Configurator (nanoGPT style), shared by sft.py / rl.py / eval.py:
+#   python sft.py config/sft_demo.py --learning_rate=1e-5 --batch_size=8
+# The config keys are the script's lowercase globals of simple types. A config file is plain Python
+# run in its own namespace; --key=value is parsed with ast.literal_eval (falling back to the raw
+# string). Unknown keys and wrong types stop the run before anything expensive starts.
+
+_CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
+
+
+def _config_keys(g):
+    return {k: v for k, v in g.items()
+            if not k.startswith("_") and k == k.lower() and isinstance(v, _CONFIG_TYPES)}
+
+
+def _checked(key, value, default, where):
+    # returns value, coerced where harmless (int -> float, list <-> tuple), or exits with a message
+    if default is None:  # a None default accepts anything
+        return value
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, (list, tuple)),
+          tuple: lambda v: isinstance(v, (list, tuple)),
+          dict: lambda v: isinstance(v, dict)}[type(default)]
+    if not ok(value):
+        raise SystemExit(f"config error ({where}): {key} must be {type(default).__name__} "
+                         f"like its default {default!r}, got {type(value).__name__} {value!r}")
+    return type(default)(value) if type(default) in (float, list, tuple) else value
+
+
+def _unknown(key, keys, where):
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return SystemExit(f"config error ({where}): unknown key '{key}'{hint} (--help lists the keys)")
+
+
+def _key_comments(path):
+    # trailing `# comment` of each module-level `key = value` line in the script
+    try:
+        with open(path) as f:
+            src = f.read()
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    with open(path, "rb") as f:
+        for t in tokenize.tokenize(f.readline):
+            if t.type == tokenize.COMMENT:
+                comments.setdefault(t.start[0], t.string.lstrip("#").strip())
+    out = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            lines = range(node.lineno, node.end_lineno + 1)
+            note = next((comments[i] for i in lines if i in comments), "")
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    out[t.id] = note
+    return out
+
+
+def configure(g, argv):
+    keys = _config_keys(g)
+    defaults = dict(keys)  # types are checked against the script's defaults, not a config file's values
+    if "--help" in argv or "-h" in argv:
+        script = os.path.basename(g.get("__file__", "script.py"))
+        print(f"usage: python {script} [config_file.py] [--key=value ...]\n")
+        notes = _key_comments(g.get("__file__"))
+        width = max(map(len, keys), default=0)
+        for k, v in keys.items():
+            print(f"  --{k:<{width}} = {v!r}" + (f"  # {notes[k]}" if notes.get(k) else ""))
+        raise SystemExit(0)
+    for arg in argv:
+        if not arg.startswith("--"):  # a config file
+            if not os.path.isfile(arg):
+                raise SystemExit(f"config error: config file not found: {arg}")
+            ns = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), ns)
+            for k, v in _config_keys(ns).items():
+                if k not in keys:
+                    raise _unknown(k, keys, arg)
+                g[k] = keys[k] = _checked(k, v, defaults[k], arg)
+        else:
+            if "=" not in arg:
+                raise SystemExit(f"config error: expected --key=value, got {arg}")
+            k, raw = arg[2:].split("=", 1)
+            if k not in keys:
+                raise _unknown(k, keys, arg)
+            try:
+                v = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                v = raw
+            if isinstance(defaults[k], str) and not isinstance(v, str):
+                v = raw  # --run_name=123 means the string "123"
+            g[k] = keys[k] = _checked(k, v, defaults[k], arg)
+    return dict(keys)
+
+
+def build_tiny(out_dir, seed=0, corpus=None, vocab_size=1024, min_pixels=56 * 56, max_pixels=28 * 28 * 64, **shape):
+    """A tiny random Qwen2.5-VL + byte-level BPE tokenizer with Qwen's special tokens and chat template,
+    saved in the official layout, offline. `shape` overrides tiny_config_dict's sizes (hidden_size, ...)."""
+    tok = build_tiny_tokenizer(corpus, vocab_size)
+    cfg = QwenVLConfig.from_hf(tiny_config_dict(tok, **shape))
+    model = QwenVL(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    model.save_pretrained(out_dir)
+    write_tiny_extras(out_dir, tok, min_pixels=min_pixels, max_pixels=max_pixels)
+    return out_dir
+
+
+if __name__ == "__main__":
+    # python model.py tiny OUT_DIR [--hidden_size=128 --num_hidden_layers=4 ...]
+    if len(sys.argv) < 3 or sys.argv[1] != "tiny":
+        sys.exit("usage: python model.py tiny OUT_DIR [--key=value ...]  (keys: build_tiny / tiny_config_dict arguments)")
+    kw = {k.lstrip("-"): ast.literal_eval(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+    path = build_tiny(sys.argv[2], **kw)
+    n = sum(p.numel() for p in QwenVL.from_pretrained(path).parameters())
+    print(f"wrote a tiny random Qwen2.5-VL ({n / 1e3:.0f}k parameters) and its tokenizer to {path}")

@@ -246,3 +246,26 @@ def test_nested_transformers5_config_is_read(pair):
     assert "text_config" in d  # transformers 5.x wrote the nested layout
     c = M.QwenVLConfig.from_hf(d)
     assert (c.hidden_size, c.num_key_value_heads, c.mrope_section, c.vision.depth) == (64, 2, [2, 3, 3], 4)
+
+
+def test_build_tiny_end_to_end_with_transformers(tiny_model_dir):
+    """`python model.py tiny` output: transformers loads it, and a rendered chat with an image gives the
+    same logits through both implementations."""
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    tok = M.load_tokenizer(tiny_model_dir)
+    mine = M.QwenVL.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    mine.save_pretrained(tiny_model_dir + "_perturbed", tokenizer=tok)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir + "_perturbed").eval()
+    img = Image.fromarray((torch.rand(60, 90, 3) * 255).byte().numpy())
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is 2+3?"}]}]
+    b = M.render_chat(msgs, tok, add_generation_prompt=True, max_pixels=28 * 28 * 64)
+    ids = b["input_ids"][None]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+                 mm_token_type_ids=(ids == mine.config.image_token_id).int()).logits
+        assert (ref - mine(ids, b["pixel_values"], b["image_grid_thw"])).abs().max() <= 1e-4
+    assert M.load_tokenizer(tiny_model_dir + "_perturbed")("<|im_end|>")["input_ids"] == [mine.config.eos_token_id]
