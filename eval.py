@@ -41,26 +41,27 @@ model = "out/rl"            # checkpoint directory (HF layout, as sft.py / rl.py
 out_dir = ""                # results folder; "" means out/eval_<name of the model folder>
 engine = "vllm"             # "vllm" (GPU) | "torch" (any device, slow)
 device = "cuda"             # torch engine only
-dtype = "bfloat16"          # torch engine only: "float32" | "bfloat16"
+dtype = "bfloat16"          # "bfloat16" | "float32"
+max_model_len = 40960       # vllm only: prompt + response tokens per sequence (>= max_tokens + longest prompt)
+gpu_memory_utilization = 0.9  # vllm only: share of the GPU vLLM may take (nothing else runs during eval)
 # benchmarks: <data_dir>/<name>.jsonl files written by data/prepare_eval.py
-data_dir = "data/eval"
+data_dir = "data/eval"      # folder of the benchmark files
 benchmarks = "math500,mathvision,mathvision_mini,mathverse_vision_only"  # comma-separated names
 limit = 0                   # only the first N problems of each benchmark (0 = all); for smoke runs
 # decoding. OVR publishes none; these follow ORZ (avg@16 at T=1.0), see shared/notes/ovr_recipe.md §1.5
 template = "ovr"            # a name in TEMPLATES, or a literal prompt with {question} (and {choices})
-temperature = 1.0
-top_p = 1.0
+temperature = 1.0           # sampling temperature (ORZ and OVR's RL use 1.0)
+top_p = 1.0                 # nucleus sampling; 1.0 = off
 max_tokens = 32768          # generated tokens per response; OVR's traces run past 10k, a low cap lowers scores
 n = 16                      # samples per problem; pass@1 is their mean (avg@n)
 pass_k = "1,4,16"           # comma-separated k for pass@k (k <= n)
 batch_size = 64             # problems per engine.generate call; results are written after each call
-seed = 0
+seed = 0                    # sampling seed of the first problem; problem i's batch uses seed + i
 # behaviours: the regex detector always runs; the LLM judge (the paper's method) only when judge_url is set
 judge_url = ""              # OpenAI-compatible base URL ending in /v1; the key comes from $OPENAI_API_KEY
 judge_model = "gpt-4o"      # OVR used GPT-4o (App. C.2)
 judge_benchmarks = "mathvision_mini"  # comma-separated; OVR's behaviour numbers are on MathVision testmini
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 TEMPLATES = {
     # OVR's prompt is unpublished (ovr_recipe.md §1.3); its traces are "<think> ... </think> summary" and
@@ -426,10 +427,9 @@ if __name__ == "__main__":
         sys.exit()
 
     import torch
-    from model import QwenVL, configure, load_tokenizer
+    from model import QwenVL, QwenVLConfig, configure, load_tokenizer
     from rollout import make_engine
-    configure(globals(), sys.argv[1:])
-    config = {k: globals()[k] for k in config_keys}
+    config = configure(globals(), sys.argv[1:])  # the resolved settings, saved next to the scores
     out_dir = out_dir or os.path.join("out", "eval_" + os.path.basename(os.path.normpath(model)))
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=2))
@@ -440,13 +440,19 @@ if __name__ == "__main__":
             old = json.load(f)
         changed = [k for k in ("model", "template", "temperature", "top_p", "max_tokens", "n")
                    if old.get(k) != config[k]]
-        assert not changed, f"{out_dir} holds a run with other {changed}; pass another --out_dir or delete it"
+        if changed:
+            sys.exit(f"{out_dir} holds a run with other {changed}; pass another --out_dir or delete it to start over")
     with open(settings, "w") as f:
         json.dump(config, f, indent=2)
 
     tokenizer = load_tokenizer(model)
-    net = QwenVL.from_pretrained(model, device=device, dtype=getattr(torch, dtype)) if engine == "torch" else None
-    eng = make_engine(engine, net, tokenizer, model_path=model)  # vLLM loads its own copy of the weights
+    if engine == "torch":
+        eng = make_engine("torch", QwenVL.from_pretrained(model, device=device, dtype=getattr(torch, dtype)), tokenizer)
+    else:  # vLLM loads the weights itself and needs only model.config from us: build the module on "meta"
+        with open(os.path.join(model, "config.json")) as f, torch.device("meta"):
+            net = QwenVL(QwenVLConfig.from_hf(json.load(f)))
+        eng = make_engine("vllm", net, tokenizer, model_path=model, dtype=dtype, max_model_len=max_model_len,
+                          gpu_memory_utilization=gpu_memory_utilization)
 
     summary_path = os.path.join(out_dir, "summary.json")
     results = {}
