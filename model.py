@@ -18,8 +18,8 @@ import json
 import math
 import os
 import random
+import re
 import sys
-import tokenize
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -868,7 +868,9 @@ def default_corpus(n_arith=400, seed=0):
              "triangles red blue green yellow black white left right top bottom first second then so "
              "therefore because answer is the of and in on how many what which are there Hmm again "
              "Yes No correct compute calculate step Step equals plus minus times divided question "
-             "User Assistant system user assistant solve look carefully re-check").split()
+             "User Assistant system user assistant solve look carefully re-check list one by need to add "
+             "redo it not right them skipped star stars apple apples coin coins ball balls cat cats "
+             "Correct").split()
     corpus = [
         "A conversation between User and Assistant. The User asks a question, and the Assistant "
         "solves it. The Assistant first thinks about the reasoning process in the mind and then "
@@ -928,61 +930,23 @@ def _mrope_section(head_dim):
 def tiny_config_dict(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, vision_depth=4, vision_hidden_size=32,
                      vision_num_heads=2, vision_intermediate_size=64, fullatt_block_indexes=(1, 3),
-                     tie_word_embeddings=False, vocab_size=None, rope_theta=1e6, rms_norm_eps=1e-6,
-                     window_size=112, max_position_embeddings=32768):
+                     tie_word_embeddings=False, vocab_size=None):
     # a FLAT config.json in the official Qwen2.5-VL layout (loads in transformers 4.5x and 5.x)
-    head_dim = hidden_size // num_attention_heads
-    assert hidden_size % num_attention_heads == 0 and num_attention_heads % num_key_value_heads == 0
-    assert vision_hidden_size % vision_num_heads == 0 and (vision_hidden_size // vision_num_heads) % 4 == 0, \
+    assert (vision_hidden_size // vision_num_heads) % 4 == 0, \
         "vision head_dim must be divisible by 4 (2D rope: half rows, half cols, rotate-half)"
     tid = tokenizer.convert_tokens_to_ids
-    return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
-        "attention_dropout": 0.0,
-        "bos_token_id": tid("<|endoftext|>"),
-        "eos_token_id": tid("<|im_end|>"),
-        "pad_token_id": tid("<|endoftext|>"),
-        "vision_start_token_id": tid("<|vision_start|>"),
-        "vision_end_token_id": tid("<|vision_end|>"),
-        "vision_token_id": tid("<|vision_pad|>"),
-        "image_token_id": tid("<|image_pad|>"),
-        "video_token_id": tid("<|video_pad|>"),
-        "hidden_act": "silu",
-        "hidden_size": hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": intermediate_size,
-        "max_position_embeddings": max_position_embeddings,
-        "max_window_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_hidden_layers": num_hidden_layers,
-        "num_key_value_heads": num_key_value_heads,
-        "rms_norm_eps": rms_norm_eps,
-        "rope_theta": rope_theta,
-        "rope_scaling": {"type": "mrope", "mrope_section": _mrope_section(head_dim)},
-        "sliding_window": max_position_embeddings,
-        "tie_word_embeddings": tie_word_embeddings,
-        "torch_dtype": "float32",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": vocab_size or len(tokenizer),
-        "vision_config": {
-            "depth": vision_depth,
-            "hidden_act": "silu",
-            "hidden_size": vision_hidden_size,
-            "intermediate_size": vision_intermediate_size,
-            "num_heads": vision_num_heads,
-            "in_chans": 3,
-            "out_hidden_size": hidden_size,  # the merger projects straight into the LLM
-            "patch_size": 14,
-            "spatial_patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": window_size,
-            "fullatt_block_indexes": list(fullatt_block_indexes),
-            "tokens_per_second": 2,
-        },
-    }
+    vision = VisionConfig(depth=vision_depth, hidden_size=vision_hidden_size, num_heads=vision_num_heads,
+                          intermediate_size=vision_intermediate_size, out_hidden_size=hidden_size,
+                          fullatt_block_indexes=list(fullatt_block_indexes))
+    cfg = QwenVLConfig(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, mrope_section=_mrope_section(hidden_size // num_attention_heads),
+        max_position_embeddings=32768, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"), vision=vision)
+    return cfg.to_hf(dtype="float32")
 
 
 def save_tokenizer(tokenizer, out_dir):
@@ -1054,27 +1018,14 @@ def _unknown(key, keys, where):
 
 
 def _key_comments(path):
-    # trailing `# comment` of each module-level `key = value` line in the script
+    # the trailing `# comment` of each top-level `key = value  # comment` line of the script
     try:
         with open(path) as f:
-            src = f.read()
+            lines = f.read().splitlines()
     except (OSError, TypeError):
         return {}
-    comments = {}
-    with open(path, "rb") as f:
-        for t in tokenize.tokenize(f.readline):
-            if t.type == tokenize.COMMENT:
-                comments.setdefault(t.start[0], t.string.lstrip("#").strip())
-    out = {}
-    for node in ast.parse(src).body:
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            lines = range(node.lineno, node.end_lineno + 1)
-            note = next((comments[i] for i in lines if i in comments), "")
-            for t in targets:
-                if isinstance(t, ast.Name):
-                    out[t.id] = note
-    return out
+    found = (re.match(r"^([a-z_][a-z0-9_]*)\s*=.*?#\s*(.*)$", line) for line in lines)
+    return {m.group(1): m.group(2) for m in found if m}
 
 
 def configure(g, argv):
