@@ -9,7 +9,7 @@ Data (once; data/prepare_eval.py says where to download each benchmark):
   python data/prepare_eval.py math500 PATH/prm800k/math_splits/test.jsonl
   python data/prepare_eval.py mathvision PATH/MATH-V/data
   python data/prepare_eval.py mathverse PATH/MathVerse
-  python data/prepare_eval.py demo                      # a few problems for the CPU demo
+  python data/prepare_demo.py                           # the CPU demo's held-out questions (data/demo/)
 Run (re-running the same command resumes from the per-sample JSONL files in out_dir):
   python eval.py config/eval_demo.py --model=out/sft    # CPU, torch engine, tiny model
   python eval.py config/eval_ovr7b.py --model=out/rl    # 1 GPU, vLLM, the paper's benchmarks
@@ -473,4 +473,4 @@ if __name__ == "__main__":
         s = results[name]
         scores = "  ".join(f"{k} {100 * v:.1f}" for k, v in s.items() if k == "accuracy" or k.startswith("pass@"))
         print(f"{name}: {scores}  truncated {100 * s.get('truncated', 0):.1f}%")
-    print(markdown_table({os.path.basename(os.path.normpath(out_dir)): results}))
+    print(markdown_table({os.path.basename(os.path.normpath(out_dir)): results}, judge_benchmarks.split(",")[0]))

@@ -13,8 +13,8 @@ Commands (outputs go to data/eval/, which config/eval_ovr7b.py reads; --out=DIR 
   python data/prepare_eval.py math500 PATH/prm800k/math_splits/test.jsonl  # -> math500.jsonl
   python data/prepare_eval.py mathvision PATH/MATH-V/data      # -> mathvision.jsonl, mathvision_mini.jsonl
   python data/prepare_eval.py mathverse PATH/MathVerse         # -> mathverse_<version>.jsonl (vision_only: headline)
-  python data/prepare_eval.py demo                             # -> data/demo/eval/{math500,dots}.jsonl (eval_demo.py)
 Images are not copied: the output records the path from the output folder to the downloaded image.
+(The CPU demo's held-out questions come from data/prepare_demo.py, already in this format.)
 """
 import json
 import os
@@ -93,36 +93,12 @@ def write_jsonl(problems, path):
     print(f"wrote {len(problems)} problems to {path}" + (f" ({missing} images not found yet)" if missing else ""))
 
 
-def make_demo(out):
-    """A few MATH500 problems and a drawn 'count the dots' set (half multiple choice) for the CPU demo."""
-    from PIL import Image, ImageDraw
-    rows = read_rows(os.path.join(REPO, "..", "shared", "data", "math500.jsonl"))[:8]
-    write_jsonl(convert_math500(rows), os.path.join(out, "math500.jsonl"))
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    problems = []
-    for k in range(1, 9):
-        img = Image.new("RGB", (56, 56), "white")
-        for d in range(k):
-            x, y = 4 + 12 * (d % 4), 10 + 24 * (d // 4)
-            ImageDraw.Draw(img).ellipse([x, y, x + 8, y + 8], fill="black")
-        img.save(os.path.join(out, "images", f"dots_{k}.png"))
-        p = {"id": f"dots_{k}", "question": "How many black dots are in the image?", "answer": str(k),
-             "images": [f"images/dots_{k}.png"], "subject": "counting", "level": 1 + (k > 4), "source": "demo"}
-        if k % 2:  # odd k: multiple choice, the answer a letter
-            options = [str(k - 1), str(k), str(k + 1), str(k + 2)]
-            p.update(choices=options, answer="B")
-        problems.append(p)
-    write_jsonl(problems, os.path.join(out, "dots.jsonl"))
-
-
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--out=")]
     outs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")]
     kind = args[0] if args else ""
-    out = outs[-1] if outs else os.path.join(REPO, "data", "demo" if kind == "demo" else "", "eval")
-    if kind == "demo":
-        make_demo(out)
-    elif kind == "math500" and len(args) == 2:
+    out = outs[-1] if outs else os.path.join(REPO, "data", "eval")
+    if kind == "math500" and len(args) == 2:
         write_jsonl(convert_math500(read_rows(args[1])), os.path.join(out, "math500.jsonl"))
     elif kind == "mathvision" and len(args) == 2:
         image_dir = os.path.relpath(args[1], out)

@@ -259,9 +259,8 @@ def test_converted_problem_runs_through_eval(tmp_path):
     assert "Which bike is most expensive?" in content[1]["text"]
 
 
-@pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path, request):
-    # the real engine on the tiny model: the scores are ~0, the point is that every piece connects
+    # the real engine on the tiny model (a few seconds): scores are ~0, the point is that every piece connects
     rollout = pytest.importorskip("rollout")
     model = pytest.importorskip("model")
     path = request.getfixturevalue("tiny_model_dir")
