@@ -397,8 +397,8 @@ def plot(run_dirs, out_path):
             for k in sorted({k for r in rows for k in r if k.startswith(key)}):
                 pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
                 label = name if k == key else f"{name} {k.removeprefix(key)}"
-                if pts:
-                    ax.plot(*zip(*pts), label=label)
+                if pts:  # eval accuracy is logged every few steps: mark its points
+                    ax.plot(*zip(*pts), label=label, marker="o" if len(pts) <= 30 else None, markersize=3)
         ax.set(title=title, xlabel="step")
         ax.legend(fontsize=7)
     fig.tight_layout()
