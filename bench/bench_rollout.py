@@ -1,0 +1,121 @@
+"""
+Sampling throughput of rollout.TorchEngine against transformers' `generate`, on the same weights and the
+same chat prompts, side by side in one run (ratio > 1: the engine is faster).
+
+    python bench/bench_rollout.py --threads=1                                   # CPU: tiny and ~100M, fp32
+    python bench/bench_rollout.py --device=cuda --shapes=3b,7b --dtype=bfloat16 # GPU
+
+Per shape: `batch` text prompts (chat-rendered, 25-70 tokens), one sample each at temperature 1, exactly
+`new_tokens` new tokens per row on both sides (EOS disabled in the engine, min_new_tokens in generate).
+tokens/s = batch * new_tokens / wall time, best of `iters` runs after a warm-up. The tokenizer is the tiny
+byte-level one; the 3b/7b shapes use the real vocabulary size (152064), so the lm_head costs what it does.
+A greedy run checks that both sides really decode the same model (rows with identical tokens).
+"""
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402
+from rollout import TorchEngine, eos_ids  # noqa: E402
+
+SHAPES = {  # tiny_config_dict arguments; "tiny" is what model.build_tiny writes
+    "tiny": dict(),
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, vision_depth=8, vision_hidden_size=384, vision_num_heads=6,
+                 vision_intermediate_size=1024, fullatt_block_indexes=(3, 7)),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vision_depth=32, vision_hidden_size=1280, vision_num_heads=16,
+               vision_intermediate_size=3420, fullatt_block_indexes=(7, 15, 23, 31), vocab_size=151936),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vision_depth=32, vision_hidden_size=1280, vision_num_heads=16,
+               vision_intermediate_size=3420, fullatt_block_indexes=(7, 15, 23, 31), vocab_size=152064),
+}
+WORDS = "how many red circles are there in the image count them then check the answer again".split()
+
+
+def build(shape, device, dtype):
+    """transformers' model with its own random init, and model.py's QwenVL sharing the very same tensors."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tok = M.build_tiny_tokenizer()
+    cfg = M.tiny_config_dict(tok, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(dtype).eval()
+    with torch.device("meta"):
+        ours = M.QwenVL(M.QwenVLConfig.from_hf(cfg))
+    ours.load_state_dict({M.official_name(k): v for k, v in hf.state_dict().items()}, strict=True, assign=True)
+    return hf, ours.eval(), tok
+
+
+def prompts(batch):
+    return [[{"role": "user", "content": " ".join(WORDS[j % len(WORDS)] for j in range(5 + 3 * i))}]
+            for i in range(batch)]
+
+
+def hf_generate(hf, tok, msgs, new_tokens, greedy, device):
+    from transformers import GenerationConfig
+    rows = [M.render_chat(m, tok, add_generation_prompt=True)["input_ids"] for m in msgs]
+    T, pad = max(len(r) for r in rows), hf.config.text_config.pad_token_id
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):  # left padding, as the engine does
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    gc = GenerationConfig(do_sample=not greedy, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=eos_ids(tok, hf.config.text_config))
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          mm_token_type_ids=torch.zeros_like(ids).to(device), generation_config=gc)
+    assert out.shape[1] == T + new_tokens
+    return out[:, T:].tolist()
+
+
+def best_of(fns, iters, device):
+    """Best wall time of each function, the runs interleaved (a, b, a, b, ...) so that load from other
+    processes on a shared machine hits both sides alike."""
+    ts = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, t in zip(fns, ts):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t.append(time.perf_counter() - t0)
+    return [min(t) for t in ts]
+
+
+def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=16, new_tokens=128, iters=3, threads=0):
+    dt = getattr(torch, dtype)
+    if threads:  # on a shared CPU box, 1 thread avoids the intra-op thread contention that swamps tiny matmuls
+        torch.set_num_threads(threads)
+    print(f"device {device}, {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {batch} x {new_tokens} new tokens, best of {iters}")
+    for shape in shapes.split(","):
+        hf, ours, tok = build(shape, device, dt)
+        n_params = sum(p.numel() for p in ours.parameters())
+        eng = TorchEngine(ours, tok, max_batch_tokens=10**9)
+        eng.eos_ids = []  # never stop early: both sides generate exactly new_tokens per row
+        msgs = prompts(batch)
+        greedy_ours = [g[0].token_ids for g in eng.generate(msgs, temperature=0.0, max_tokens=16)]
+        greedy_hf = hf_generate(hf, tok, msgs, 16, True, device)
+        same = sum(a == b for a, b in zip(greedy_ours, greedy_hf))
+        hf_generate(hf, tok, msgs[:2], 4, False, device)  # warm-up
+        t_eng, t_hf = best_of([lambda: eng.generate(msgs, temperature=1.0, max_tokens=new_tokens),
+                               lambda: hf_generate(hf, tok, msgs, new_tokens, False, device)], iters, device)
+        tok_total = batch * new_tokens
+        print(f"{shape:>5} ({n_params / 1e6:.1f}M params): TorchEngine {tok_total / t_eng:8.0f} tok/s | "
+              f"transformers generate {tok_total / t_hf:8.0f} tok/s | ratio {t_hf / t_eng:5.2f}x | "
+              f"greedy rows identical {same}/{batch}")
+        hf = ours = eng = None  # free this shape before building the next
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    kw = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
+    kw = {k: (int(v) if k in ("batch", "new_tokens", "iters", "threads") else v) for k, v in kw.items()}
+    main(**kw)

@@ -1,0 +1,351 @@
+"""
+Rollouts: sample n completions per chat prompt, with per-token log-probs, from one of two engines
+behind the same small interface, so rl.py and eval.py have a single code path.
+
+    engine = make_engine("torch", model, tokenizer)                    # any device, model.py's KV cache
+    engine = make_engine("vllm", model, tokenizer, model_path=ckpt)    # GPU, one vLLM per torchrun rank
+    groups = engine.generate(prompts, n=8, temperature=1.0, max_tokens=1024, seed=step)
+    groups[i][j].token_ids / .text / .logprobs / .finish_reason       # prompt i, sample j
+    engine.sleep(); ...train...; engine.sync_weights(model)            # every RL step, both engines
+
+TorchEngine: left-padded batches; each prompt is prefilled once and its KV cache shared by its n
+samples (KVCache.select); finished rows are dropped from the cache so the batch shrinks; prompts are
+processed in chunks bounded by max_batch_tokens. Sampling draws one uniform per (prompt, sample, step)
+from a generator seeded by (seed, prompt index, sample index), so a completion does not depend on
+which other prompts share its batch or chunk (up to floating-point ties).
+
+VLLMEngine: written against vLLM 0.18.1 (pinned in requirements.txt). The facts it relies on and where
+they are documented: shared/notes/rl_and_vllm.md §5, and the vLLM sources/docs named in the comments.
+"""
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from itertools import groupby
+
+import torch
+
+import model as M
+from model import MAX_PIXELS, MIN_PIXELS  # render_chat's image bounds; both engines resize images the same way
+
+
+@dataclass
+class Completion:
+    token_ids: list  # generated tokens (the stop string's / EOS token included if it ended on one)
+    text: str  # decoded without special tokens; cut right after the stop string if one matched
+    logprobs: list  # per token: log p under the sampling distribution (temperature applied, before top_p)
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+
+
+def eos_ids(tokenizer, config):
+    ids = {config.eos_token_id}
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return sorted(ids)
+
+
+def sample_tokens(logits, temperature, top_p, u):
+    """One token per row by inverse-CDF sampling with the given uniforms u (R,) in [0, 1).
+    logits (R, V) fp32. temperature 0 = greedy. Returns tokens (R,) and their log-probs under
+    softmax(logits / temperature) (temperature 1 for greedy): the distribution before top_p truncation,
+    which is what the trainer recomputes as log_softmax(logits / T)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = (logits / temperature).log_softmax(-1)
+    probs = logp.exp()
+    order = None
+    if top_p < 1.0:  # nucleus: the smallest set of most likely tokens whose mass reaches top_p (>= 1 token)
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+    tok = (order.gather(-1, idx) if order is not None else idx).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+class TorchEngine:
+    """Batched sampling on model.py's KV cache, on whatever device the model is on."""
+
+    def __init__(self, model, tokenizer, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_batch_tokens=65536,
+                 image_root=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.min_pixels, self.max_pixels, self.image_root = min_pixels, max_pixels, image_root
+        self.max_batch_tokens = max_batch_tokens  # KV slots per chunk: rows x (prompt + max_tokens)
+        self.eos_ids = eos_ids(tokenizer, model.config)
+        self.pad_id = model.config.pad_token_id
+        self.stats = {}
+
+    def sync_weights(self, model):
+        """rl.py calls this after every optimizer step. With the trained module itself nothing moves;
+        with a separate inference copy (another dtype or device), copy the full tensors in."""
+        t0 = time.perf_counter()
+        if model is not self.model:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, t in hf_weights(model):
+                    params[name].copy_(t)
+        self.stats["sync_s"] = time.perf_counter() - t0
+
+    def sleep(self):  # nothing to free: the KV cache only lives inside generate()
+        pass
+
+    def wake_up(self):
+        pass
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=0):
+        assert max_tokens >= 1 and n >= 1, f"need max_tokens >= 1 and n >= 1, got {max_tokens}, {n}"
+        t0 = time.perf_counter()
+        rendered = [M.render_chat(p, self.tokenizer, add_generation_prompt=True, min_pixels=self.min_pixels,
+                                  max_pixels=self.max_pixels, image_root=self.image_root) for p in prompts]
+        # chunks of prompts sorted by length (less padding), each under max_batch_tokens KV slots
+        order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]["input_ids"]))
+        chunks, cur = [], []
+        for i in order:
+            longest = len(rendered[i]["input_ids"])  # sorted, so the newest prompt is the longest
+            if cur and (len(cur) + 1) * n * (longest + max_tokens) > self.max_batch_tokens:
+                chunks.append(cur)
+                cur = []
+            cur.append(i)
+        chunks.append(cur)
+        out = [None] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():  # cheaper per op than no_grad; the cache never leaves generate()
+                for chunk in chunks:
+                    for i, group in zip(chunk, self._generate_chunk(
+                            [rendered[i] for i in chunk], chunk, n, temperature, top_p, max_tokens, stop or [], seed)):
+                        out[i] = group
+        finally:
+            self.model.train(was_training)
+        n_tok = sum(len(c.token_ids) for g in out for c in g)
+        self.stats.update(gen_s=time.perf_counter() - t0, gen_tokens=n_tok)
+        return out
+
+    def _generate_chunk(self, batch, prompt_idx, n, temperature, top_p, max_tokens, stop, seed):
+        model, dev = self.model, self.model.lm_head.weight.device
+        P, T = len(batch), max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((P, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(P, T, dtype=torch.long)
+        for r, b in enumerate(batch):  # left padding keeps every row's last prompt token in the last slot
+            ids[r, T - len(b["input_ids"]):] = b["input_ids"]
+            mask[r, T - len(b["input_ids"]):] = 1
+        pv = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+        grid = [b["image_grid_thw"] for b in batch if b["image_grid_thw"] is not None]
+        pv = torch.cat(pv).to(dev) if pv else None
+        grid = torch.cat(grid).to(dev) if grid else None
+        # prefill each prompt once, then share its cache among its n samples: rows p*n .. p*n+n-1
+        cache = model.new_kv_cache(P, T + max_tokens)
+        h = model(ids.to(dev), pv, grid, mask.to(dev), kv_cache=cache, return_hidden=True)[:, -1]  # (P, D)
+        cache.select(torch.arange(P, device=dev).repeat_interleave(n))
+        h = h.repeat_interleave(n, 0)  # (R, D), R = P * n
+        # the uniforms of row (prompt p, sample j) depend only on (seed, p, j): batch-independent samples
+        # (hash of a tuple of ints is not salted per process, so this is reproducible across runs)
+        u = torch.stack([torch.rand(max_tokens, generator=torch.Generator().manual_seed(
+            hash((seed, prompt_idx[r // n], r % n)) % 2**63), dtype=torch.float64) for r in range(P * n)])
+        u = u.to(dev, torch.float32)  # (R, max_tokens)
+        toks, lps = [[] for _ in range(P * n)], [[] for _ in range(P * n)]
+        reason, text = [None] * (P * n), [None] * (P * n)
+        alive = torch.arange(P * n, device=dev)  # original row of each cache row
+        alive_rows = list(range(P * n))  # the same, as a python list
+        stop_window = 4 * max((len(s) for s in stop), default=0) + 2  # tokens: >= 1 byte each, <= 4 bytes/char
+        for t in range(max_tokens):
+            logits = model.lm_head(h).float()  # (A, V)
+            tok, lp = sample_tokens(logits, temperature, top_p, u[alive, t])
+            done = []
+            for k, (r, i, l) in enumerate(zip(alive_rows, tok.tolist(), lp.tolist())):
+                toks[r].append(i)
+                lps[r].append(l)
+                if i in self.eos_ids:
+                    reason[r] = "stop"
+                elif stop and any(s in self.tokenizer.decode(toks[r][-stop_window:], skip_special_tokens=True)
+                                  for s in stop):
+                    reason[r], text[r] = "stop", self._cut_at_stop(toks[r], stop)
+                elif t == max_tokens - 1:
+                    reason[r] = "length"
+                if reason[r] is not None:
+                    done.append(k)
+            if len(done) == len(alive_rows):
+                break
+            if done:  # drop finished rows from the cache so later steps run on fewer rows
+                done = set(done)
+                keep = [k for k in range(len(alive_rows)) if k not in done]
+                alive_rows = [alive_rows[k] for k in keep]
+                keep = torch.tensor(keep, device=dev)
+                cache.select(keep)
+                alive, tok = alive[keep], tok[keep]
+            h = model(tok[:, None], kv_cache=cache, return_hidden=True)[:, -1]
+        rows = [Completion(toks[r], text[r] if text[r] is not None else
+                           self.tokenizer.decode(toks[r], skip_special_tokens=True), lps[r], reason[r])
+                for r in range(P * n)]
+        return [rows[p * n:(p + 1) * n] for p in range(P)]
+
+    def _cut_at_stop(self, toks, stop):
+        text = self.tokenizer.decode(toks, skip_special_tokens=True)
+        cut = min((text.find(s) + len(s) for s in stop if s in text), default=len(text))
+        return text[:cut]
+
+
+# -----------------------------------------------------------------------------
+# weight streaming, shared by both engines' sync_weights
+
+
+def hf_weights(model, dtype=None, device=None):
+    """(official name, full tensor) pairs, one parameter at a time. FSDP2 parameters are DTensors:
+    full_tensor() all-gathers just that one, so every rank must iterate in the same order and no GPU
+    ever holds the whole model twice. Wrapper prefixes (torch.compile, activation checkpointing) are
+    stripped; a tied lm_head is left out, as in the checkpoint."""
+    tied = model.config.tie_word_embeddings
+    for name, t in model.state_dict().items():
+        name = re.sub(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.", "", name)
+        if tied and name == "lm_head.weight":
+            continue
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        yield name, t.detach().to(device=device, dtype=dtype)
+
+
+def by_layer(weights):
+    """Group a (name, tensor) stream into lists, one per decoder layer / vision block (the rest one by one)."""
+    def layer(name_tensor):
+        m = re.match(r".*?(?:layers|blocks)\.\d+\.", name_tensor[0])
+        return m.group(0) if m else name_tensor[0]
+    for _, group in groupby(weights, key=layer):
+        yield list(group)
+
+
+def logprob_gap(completions, trainer_logprobs):
+    """Mean |engine logp - trainer logp| per generated token, the health check of a vLLM setup: ~0.01 is
+    normal for bf16 vLLM against the trainer, ~0.2 means rollouts came from stale weights (TRL #5312).
+    completions: list of Completion; trainer_logprobs: one sequence (list or 1-D tensor) per completion."""
+    diff = [abs(a - float(b)) for c, lp in zip(completions, trainer_logprobs) for a, b in zip(c.logprobs, lp)]
+    return sum(diff) / max(len(diff), 1)
+
+
+# -----------------------------------------------------------------------------
+# vLLM engine. Written against vllm==0.18.1 (V1 engine). API facts used, and where they are documented:
+#   LLM(..., distributed_executor_backend="external_launcher", enable_sleep_mode, logprobs_mode,
+#       limit_mm_per_prompt, mm_processor_kwargs)      vllm/entrypoints/llm.py, vllm/engine/arg_utils.py
+#   llm.sleep(level), llm.wake_up(tags=["weights"|"kv_cache"])               docs/features/sleep_mode.md
+#   llm.reset_prefix_cache(), reset_mm_cache(), reset_encoder_cache()        vllm/entrypoints/llm.py (vllm PR #33452)
+#   llm.llm_engine.model_executor.driver_worker.worker.model_runner.model    examples/offline_inference/torchrun_example.py
+#   Qwen2_5_VLForConditionalGeneration.load_weights(iterable of HF names)    vllm/model_executor/models/qwen2_5_vl.py
+#   n children of one request are seeded seed + j                            vllm/v1/engine/parallel_sampling.py
+
+
+def prompt_images(messages, image_root=None):
+    images = []
+    for m in messages:
+        for item in [] if isinstance(m["content"], str) else m["content"]:
+            if item.get("type") == "image" or "image" in item:
+                im = item.get("image", item.get("image_url"))
+                images.append(os.path.join(image_root, im) if isinstance(im, str) and image_root else im)
+    return images
+
+
+class VLLMEngine:
+    """One vllm.LLM per torchrun rank, on that rank's GPU next to the FSDP2 trainer. Lifecycle per RL step:
+    generate() -> sleep() -> train -> sync_weights(model) -> generate() ... generate() wakes what is
+    still asleep. tensor_parallel_size > 1 groups consecutive ranks; they must pass identical prompts."""
+
+    def __init__(self, model, tokenizer, model_path, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+                 tensor_parallel_size=1, gpu_memory_utilization=0.3, max_model_len=8192, max_images=8,
+                 sleep_level=1, dtype="bfloat16", image_root=None, **llm_kwargs):
+        from vllm import LLM  # GPU-only dependency: imported here so this file imports anywhere
+        # external_launcher runs the engine core and its worker inside this process (no engine subprocess),
+        # which is what lets sync_weights hand tensors straight to vLLM's model. It reads the torchrun env;
+        # a plain `python` run becomes a world of one.
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
+            os.environ.setdefault(k, v)
+        self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                       distributed_executor_backend="external_launcher", enable_sleep_mode=True,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       seed=int(os.environ["RANK"]) // tensor_parallel_size,  # equal inside a TP group
+                       logprobs_mode="processed_logprobs",  # log_softmax(logits / T), what the trainer recomputes
+                       limit_mm_per_prompt={"image": max_images, "video": 0},
+                       mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels}, **llm_kwargs)
+        self.tokenizer, self.image_root = tokenizer, image_root
+        self.dtype, self.device = getattr(torch, dtype), torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        self.eos_ids = eos_ids(tokenizer, model.config)
+        # Never emit an image/video placeholder (EasyR1 does the same), nor a padded-vocab id the tokenizer
+        # cannot decode (vocab_size 152064 > 151665 tokenizer ids; vllm #13175, notes rl_and_vllm.md §8.6).
+        c = model.config
+        self.logit_bias = {i: -100.0 for i in (c.image_token_id, c.video_token_id, *range(len(tokenizer), c.vocab_size))}
+        self.sleep_level = sleep_level
+        self.asleep = set()  # tags still asleep: "weights", "kv_cache"
+        self.weights_valid = True  # False after a level-2 sleep until the next sync_weights
+        self.stats = {}
+
+    def sleep(self):
+        """Give the GPU memory back to training. Level 1 keeps a CPU copy of the weights; level 2 drops
+        them, so the next sync_weights must rewrite every tensor before generate() may run."""
+        if not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = {"weights", "kv_cache"}
+            self.weights_valid = self.sleep_level == 1
+
+    def wake_up(self):
+        # Wake only what is still asleep: waking "weights" after sync_weights woke them would restore the
+        # level-1 CPU copy taken before the update, i.e. stale weights.
+        if "weights" in self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+        assert self.weights_valid, "vLLM slept at level 2 and dropped its weights: call sync_weights(model) first"
+        if "kv_cache" in self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])  # after the weights, so both never compete for memory
+            self.asleep.discard("kv_cache")
+            self.llm.reset_prefix_cache()  # the re-mapped KV memory is garbage: forget every cached prefix
+
+    def sync_weights(self, model):
+        """Stream the trainer's weights into vLLM a layer at a time (FSDP2: full_tensor() per parameter).
+        Then drop everything computed with the old weights: cached prompt prefixes, processed multimodal
+        inputs, vision-encoder outputs. No reload_weights() afterwards: that re-reads the checkpoint from
+        disk and silently undoes this sync (TRL #5312)."""
+        t0 = time.perf_counter()
+        if "weights" in self.asleep:
+            torch.cuda.empty_cache()  # return the trainer's freed blocks before vLLM maps its weights again
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        for group in by_layer(hf_weights(model, self.dtype, self.device)):
+            runner.load_weights(group)  # official names; vLLM fuses q/k/v and gate/up itself (qwen25vl.md §7)
+        self.weights_valid = True
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.reset_encoder_cache()  # keyed by image hash only: would serve old-weight embeddings (vllm #44910)
+        torch.cuda.synchronize()
+        self.stats["sync_s"] = time.perf_counter() - t0
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=0):
+        from vllm import SamplingParams
+        self.wake_up()
+        t0 = time.perf_counter()
+        inputs = []
+        for p in prompts:  # token ids with ONE <|image_pad|> per image plus the images: vLLM expands the pads
+            ids = self.tokenizer(M.format_chat(p, add_generation_prompt=True))["input_ids"]
+            images = [M.load_image(im) for im in prompt_images(p, self.image_root)]
+            inputs.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images
+                          else {"prompt_token_ids": ids})
+        # one SamplingParams per prompt so that prompt i gets its own seed (its n children get seed_i + j)
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                                 include_stop_str_in_output=True, stop_token_ids=self.eos_ids, logprobs=0,
+                                 seed=hash((seed, i)) % 2**31, logit_bias=self.logit_bias, skip_special_tokens=True)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        groups = [[Completion(list(o.token_ids), o.text, [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)],
+                              "length" if o.finish_reason == "length" else "stop") for o in r.outputs] for r in outs]
+        self.stats.update(gen_s=time.perf_counter() - t0, gen_tokens=sum(len(c.token_ids) for g in groups for c in g))
+        return groups
+
+
+def make_engine(kind, model, tokenizer, model_path=None, **kw):
+    if kind == "torch":
+        return TorchEngine(model, tokenizer, **kw)
+    if kind == "vllm":
+        assert model_path, "the vLLM engine builds its model from a checkpoint dir: pass model_path"
+        return VLLMEngine(model, tokenizer, model_path, **kw)
+    raise ValueError(f"unknown engine kind {kind!r}: use 'torch' or 'vllm'")
