@@ -210,6 +210,17 @@ def next_prompts(k, state, n, rank, world):
     return out
 
 
+def score(batch, outs):
+    """Reward and correctness of every response, flat in prompt order, from reward.py's process pool (a
+    call over reward_timeout seconds scores 0, so a hostile response cannot hang the step)."""
+    flat = [(p, c) for p, cs in zip(batch, outs) for c in cs]
+    texts, golds = [c.text for _, c in flat], [p["answer"] for p, _ in flat]
+    kw = dict(choices=[p.get("choices") for p, _ in flat], truncated=[c.finish_reason == "length" for _, c in flat],
+              workers=reward_workers, timeout=reward_timeout)
+    rewards = reward.batch_rewards(texts, golds, format_weight=format_weight, **kw)
+    return rewards, reward.batch_rewards(texts, golds, **kw) if format_weight else rewards
+
+
 def build_sample(prompt, completion, adv):
     """One training sequence: prompt + response, next-token targets only on the response (-100 elsewhere),
     and per-target engine log-probs and advantage."""
@@ -352,7 +363,8 @@ def main():
     tokenizer = load_tokenizer(init_from)
     with open(os.path.join(init_from, "preprocessor_config.json")) as f:
         pre = json.load(f)
-    pixels = dict(min_pixels=min_pixels or pre.get("min_pixels", 56 * 56), max_pixels=max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
+    pixels = dict(min_pixels=min_pixels or pre.get("min_pixels", 56 * 56),
+                  max_pixels=max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
     model = QwenVL.from_pretrained(init_from, device=dev, dtype=torch.float32)
     frozen = [p for p in freeze.split(",") if p]
     for name, p in model.named_parameters():
@@ -445,13 +457,10 @@ def main():
             batch = [problems[i] for i in next_prompts(ppr, data_state, len(problems), rank, world)]
             t = time.time()
             outs = eng.generate([ev.build_messages(p, template) for p in batch], n=group_size, temperature=temperature,
-                                top_p=top_p, max_tokens=cap, stop=stop or None, seed=hash((seed, step, rounds, rank)) % 2**31)
+                                top_p=top_p, max_tokens=cap, stop=stop or None,
+                                seed=hash((seed, step, rounds, rank)) % 2**31)
             t_gen, t = t_gen + time.time() - t, time.time()
-            flat = [(p, c) for p, cs in zip(batch, outs) for c in cs]
-            args = dict(choices=[p.get("choices") for p, _ in flat], truncated=[c.finish_reason == "length" for _, c in flat],
-                        workers=reward_workers, timeout=reward_timeout)
-            rewards = reward.batch_rewards([c.text for _, c in flat], [p["answer"] for p, _ in flat], format_weight=format_weight, **args)
-            correct = rewards if not format_weight else reward.batch_rewards([c.text for _, c in flat], [p["answer"] for p, _ in flat], **args)
+            rewards, correct = score(batch, outs)
             t_rew += time.time() - t
             for j, (p, cs) in enumerate(zip(batch, outs)):
                 sl = slice(j * group_size, (j + 1) * group_size)
@@ -531,19 +540,22 @@ def main():
         resp = [(c, r, ok) for g in seen for c, r, ok in zip(g["completions"], g["rewards"], g["correct"])]
         advs, beh = [s["adv"] for s in samples], [ev.detect_behaviours(c.text) for c, _, _ in resp]
         s = reduce({"n": len(resp), "reward": sum(r for _, r, _ in resp), "correct": sum(ok > 0 for _, _, ok in resp),
-                    "len": sum(len(c.token_ids) for c, _, _ in resp), "trunc": sum(c.finish_reason == "length" for c, _, _ in resp),
+                    "len": sum(len(c.token_ids) for c, _, _ in resp),
+                    "trunc": sum(c.finish_reason == "length" for c, _, _ in resp),
                     "seen": len(seen), "var": sum(len(set(g["rewards"])) > 1 for g in seen), "kept": len(kept),
                     "rounds": rounds, "n_adv": len(advs), "adv": sum(advs), "adv2": sum(a * a for a in advs)}
                    | {f"behaviour/{b}": sum(x[b] > 0 for x in beh) for b in ev.BEHAVIOURS} | tr)
-        mx = reduce({"len_max": max((len(c.token_ids) for c, _, _ in resp), default=0), "adv_max": max(advs, default=0.0),
-                     "adv_min": -min(advs, default=0.0), "time_gen": t_gen, "time_reward": t_rew}, dist.ReduceOp.MAX)
+        mx = reduce({"len_max": max((len(c.token_ids) for c, _, _ in resp), default=0), "time_gen": t_gen,
+                     "adv_max": max(advs, default=0.0), "adv_min": -min(advs, default=0.0), "time_reward": t_rew},
+                    dist.ReduceOp.MAX)
         n, na = max(s["n"], 1), max(s["n_adv"], 1)
         m.update(lr=lr_at(step), max_tokens=cap, reward_mean=s["reward"] / n, accuracy=s["correct"] / n,
                  response_len_mean=s["len"] / n, response_len_max=mx["len_max"], truncated=s["trunc"] / n,
-                 **{k: s[k] for k in tr}, adv_mean=s["adv"] / na, adv_std=math.sqrt(max(s["adv2"] / na - (s["adv"] / na) ** 2, 0)),
-                 adv_max=mx["adv_max"], adv_min=-mx["adv_min"], groups_kept=int(s["kept"]), groups_var_frac=s["var"] / max(s["seen"], 1),
-                 sampling_rounds=s["rounds"] / world, time_gen=mx["time_gen"], time_reward=mx["time_reward"], time_train=t_train,
-                 time_sync=t_sync, time_step=time.time() - t_step, **{k: s[k] / n for k in s if k.startswith("behaviour/")})
+                 **{k: s[k] for k in tr}, adv_mean=s["adv"] / na, adv_max=mx["adv_max"], adv_min=-mx["adv_min"],
+                 adv_std=math.sqrt(max(s["adv2"] / na - (s["adv"] / na) ** 2, 0)), groups_kept=int(s["kept"]),
+                 groups_var_frac=s["var"] / max(s["seen"], 1), sampling_rounds=s["rounds"] / world,
+                 time_gen=mx["time_gen"], time_reward=mx["time_reward"], time_train=t_train, time_sync=t_sync,
+                 time_step=time.time() - t_step, **{k: s[k] / n for k in s if k.startswith("behaviour/")})
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
