@@ -471,8 +471,9 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=1024, return_
             lp, ent = piece(h[i:i + chunk], t[i:i + chunk])
         lps.append(lp)
         ents.append(ent)
-    lp = torch.cat(lps).view(B, T)
-    return (lp, torch.cat(ents).view(B, T)) if return_entropy else lp
+    # clone: a fresh tensor, not a view of the concatenation (FSDP2 warns about view outputs)
+    lp = torch.cat(lps).view(B, T).clone()
+    return (lp, torch.cat(ents).view(B, T).clone()) if return_entropy else lp
 
 
 # -----------------------------------------------------------------------------
