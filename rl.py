@@ -377,7 +377,7 @@ def main():
     gen_model = QwenVL.from_pretrained(init_from, device=dev) if ddp and engine == "torch" else model
     if ddp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
         mesh, mp = init_device_mesh(dev.type, (world,)), MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
         for m in [model] + ([ref] if ref else []):
             for layer in m.model.layers:
@@ -385,7 +385,10 @@ def main():
             # no unit of its own for the vision tower: one rank may have images in a micro-batch while another
             # has none, and the units' all-gathers must come in the same order on every rank
             fully_shard(m, mesh=mesh, mp_policy=mp)
-            m.set_gradient_divide_factor(1.0)  # SUM over ranks: the loss is already divided by the global token count
+            for unit in m.modules():
+                if isinstance(unit, FSDPModule):  # SUM over ranks: the loss is already divided by the global token count
+                    unit.set_gradient_divide_factor(1.0)
+                    unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
             m.set_reduce_scatter_unused_params(True)  # an unused vision tower still joins the reduce-scatter
     eng = make_engine(engine, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
     vision_ids = {model.config.image_token_id, model.config.video_token_id}
