@@ -1,0 +1,362 @@
+"""reward.py: the equivalence rule table, extraction, hostile inputs (bounded time in threads and
+processes, no evaluation of model text), the RL reward and the hybrid judge against a local server.
+The expected verdicts below are written from the rules in the issue, by hand."""
+import builtins
+import concurrent.futures
+import http.server
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sympy
+
+import reward
+from reward import batch_rewards, compute_reward, extract_answer, is_equiv, judge_equiv
+
+T, F = True, False
+
+# rule -> [(gold, pred, expected)]; every rule has equal and unequal pairs
+RULES = {
+    "integers, thousands separators": [
+        ("1000", "1,000", T), ("7425000", "7,425,000", T), ("12345", "12{,}345", T), ("1000", "1 000", T),
+        ("16386", "16,\\!386", T), ("1000", "100", F), ("1,000", "1,001", F), ("-5", "5", F)],
+    "decimals": [
+        ("0.5", ".5", T), ("2.50", "2.5", T), ("3", "3.0", T), ("1000.99", "1,000.99", T),
+        ("0.25", "0.26", F), ("1.5", "15", F), ("3", "3.01", F)],
+    "fractions": [
+        ("\\frac{1}{2}", "\\dfrac{1}{2}", T), ("\\frac{3}{4}", "\\tfrac34", T), ("\\frac12", "0.5", T),
+        ("1/2", "\\frac{2}{4}", T), ("1", "\\frac3{3}", T), ("-\\frac{2}{3}", "\\frac{-2}{3}", T),
+        ("\\frac{x}{2}", "x/2", T), ("\\frac{10}{9}", "10/9", T), ("\\frac{1}{3}", "\\frac{1}{4}", F),
+        ("\\frac{2}{3}", "\\frac{3}{2}", F), ("\\frac{1}{2}", "-\\frac{1}{2}", F)],
+    "mixed numbers": [
+        ("\\frac{7}{2}", "3\\frac12", T), ("\\frac{11}{4}", "2\\frac{3}{4}", T), ("\\frac{11}{4}", "2 3/4", T),
+        ("\\frac{5}{2}", "2\\frac{1}{3}", F), ("\\frac{11}{4}", "2 1/4", F)],
+    "radicals": [
+        ("2\\sqrt{2}", "\\sqrt{8}", T), ("\\sqrt{3}", "\\sqrt3", T), ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", T),
+        ("\\sqrt[3]{8}", "2", T), ("\\sqrt{2}+\\sqrt{5}", "\\sqrt 5+\\sqrt 2", T), ("\\sqrt{2}", "\\sqrt{3}", F),
+        ("3\\sqrt{2}", "2\\sqrt{3}", F), ("4", "4\\sqrt{2}", F), ("1\\sqrt{19}", "1", F)],
+    "pi, e, i": [
+        ("\\pi", "pi", T), ("2\\pi", "\\pi \\cdot 2", T), ("\\frac{\\pi}{2}", "\\pi/2", T), ("e^2", "\\exp(2)", T),
+        ("-1", "e^{i\\pi}", T), ("3+4i", "4i+3", T), ("-1", "i^2", T), ("2i", "\\sqrt{-4}", T),
+        ("\\pi", "3", F), ("3+4i", "3-4i", F), ("e", "e^2", F)],
+    "powers": [
+        ("1024", "2^{10}", T), ("x^2", "x\\cdot x", T), ("0.5", "2^{-1}", T), ("4", "8^{2/3}", T),
+        ("2^{10}", "2^{11}", F), ("x^{3}", "x^{2}", F), ("2", "2^{10}", F)],
+    "factorials, binomials": [
+        ("120", "5!", T), ("\\binom{5}{2}", "10", T), ("\\dbinom{6}{3}", "20", T), ("{5 \\choose 2}", "10", T),
+        ("\\binom{5}{2}", "\\binom{5}{3}", T), ("5!", "24", F), ("\\binom{6}{2}", "20", F), ("3!", "3", F)],
+    "logs": [
+        ("3", "\\log_2 8", T), ("3", "\\ln(e^3)", T), ("2", "\\log_{3}(9)", T), ("\\ln 4", "2\\ln 2", T),
+        ("4", "\\log_2 8", F), ("\\ln 3", "\\ln 2", F)],
+    "scientific notation": [
+        ("1500", "1.5\\times10^{3}", T), ("0.03", "3\\cdot 10^{-2}", T), ("6.02\\times 10^{23}", "6.02e23", T),
+        ("1500", "1.5\\times10^{2}", F), ("2\\times 10^{5}", "2\\times 10^{6}", F)],
+    "percentages": [
+        ("28\\%", "0.28", T), ("28\\%", "28", T), ("50\\%", "\\frac{1}{2}", T), ("12.5\\%", "0.125", T),
+        ("28\\%", "28 percent", T), ("0.28", "28", F), ("28\\%", "27\\%", F), ("28", "\\frac{28}{100}", F)],
+    "degrees": [
+        ("90^\\circ", "90", T), ("45", "45^{\\circ}", T), ("30°", "30", T), ("60", "60^\\circ", T),
+        ("90^\\circ", "45^\\circ", F), ("90", "180^\\circ", F)],
+    "units and text wrappers": [
+        ("5", "5\\text{ cm}", T), ("15\\mbox{ cm}^2", "15", T), ("12", "12 \\text{ meters}", T), ("10", "10 dollars", T),
+        ("5", "\\$5.00", T), ("13", "\\text{13}", T), ("125", "125\\textnormal{ miles}", T),
+        ("3", "4 \\text{ inches}", F), ("15", "16\\mbox{ cm}^2", F)],
+    "dollar signs": [
+        ("\\frac{1}{2}", "$\\frac{1}{2}$", T), ("1000", "\\$1,000", T), ("9", "$$ 9 $$", T), ("3", "$4$", F),
+        ("2.5", "\\$2.05", F)],
+    "x = 3 vs 3": [
+        ("3", "x = 3", T), ("x=3", "3", T), ("k=1", "1", T), ("5", "|AB| = 5", T), ("11", "x \\approx 11", T),
+        ("\\frac{1}{3}", "x = \\frac{1}{3} \\approx 0.33", T), ("x = 3", "x = 4", F), ("x=3", "y=3", F),
+        ("10", "2x+4 = 10", F), ("0", "a + 3z = 0", F)],
+    "equations": [
+        ("y = 2x+3", "2x - y + 3 = 0", T), ("x + y = 1", "2x + 2y = 2", T), ("x^2 + y^2 = 4", "y^2 + x^2 = 4", T),
+        ("34x+45y-20z+100=0", "-34x-45y+20z-100=0", T), ("x + y = 1", "x - y = 1", F), ("y = 2x+3", "y = 3x+2", F),
+        ("x = 2y", "x = 2z", F)],
+    "inequalities": [
+        ("x > 5", "5 < x", T), ("x \\ge 3", "x \\geq 3", T), ("x < 1", "-x > -1", T), ("x > 5", "(5, \\infty)", T),
+        ("-2 \\le x \\le 7", "x \\in [-2, 7]", T), ("[0, \\infty)", "x \\ge 0", T), ("x \\le 2", "x < 2", F),
+        ("x > 5", "x < 5", F), ("-2 \\le x \\le 7", "(-2, 7]", F), ("x \\ne 3", "x = 3", F)],
+    "intervals": [
+        ("[0,1)", "[0, 1)", T), ("(-\\infty, 2)", "(-\\infty,2)", T), ("(\\frac{1}{2}, 3]", "(0.5, 3]", T),
+        ("\\left[ 1, 2 \\right)", "[1,2)", T), ("\\mathbb{R}", "(-\\infty, \\infty)", T), ("(0,1)", "[0,1]", F),
+        ("[0,1)", "(0,1]", F), ("(-\\infty, 2]", "(-\\infty, 2)", F), ("(0,9)", "[0,9)", F)],
+    "unions": [
+        ("(-\\infty,2)\\cup(3,\\infty)", "(3,\\infty)\\cup(-\\infty,2)", T),
+        ("[-1, -\\frac{1}{2}) \\cup (-\\frac{1}{2}, 0)", "[-1, -\\tfrac12) \\cup (-\\tfrac12, 0)", T),
+        ("\\{-1\\} \\cup [0,7)", "\\{-1\\}\\cup[0, 7)", T), ("(0,1)\\cup(2,3)", "(0,1)\\cup(2,3]", F),
+        ("(0,1)\\cup(1,2)", "(0,2)", F), ("[0,1] \\cup [2,3]", "[0,1]", F)],
+    "sets and unordered lists": [
+        ("\\{1,2,3\\}", "\\{3,2,1\\}", T), ("1,2", "2,1", T), ("-2, 1", "1 and -2", T), ("\\emptyset", "\\{\\}", T),
+        ("3, 5", "x = 3 \\text{ or } x = 5", T), ("1, 2, 3", "1, 2", F), ("\\{1,2\\}", "\\{1,3\\}", F),
+        ("\\emptyset", "\\{0\\}", F), ("1, 2, 3", "1, 2, 3, \\ldots", F)],
+    "ordered tuples and points": [
+        ("(1,2)", "(1, 2)", T), ("(3, \\frac{\\pi}{2})", "\\left(3,\\frac{\\pi}{2}\\right)", T), ("(1,-2)", "(1, -2.0)", T),
+        ("(1,2)", "(x, y) = (1, 2)", T), ("(6,31,-1)", "(6, 31, -1)", T), ("(1,2)", "(2,1)", F), ("(1,2,3)", "(1,2)", F),
+        ("(3,1)", "1, 3", F)],
+    "matrices and vectors": [
+        ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{bmatrix}1 & 2 \\\\ 3 & 4\\end{bmatrix}", T),
+        ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)", T),
+        ("\\begin{pmatrix}\\frac12&0\\\\0&1\\end{pmatrix}", "\\begin{pmatrix}0.5&0\\\\0&1\\end{pmatrix}", T),
+        ("\\begin{pmatrix}6&8\\\\10&12\\end{pmatrix}",
+         "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}+\\begin{pmatrix}5&6\\\\7&8\\end{pmatrix}", T),
+        ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}", F),
+        ("\\begin{pmatrix}1&2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\\\3\\end{pmatrix}", F),
+        ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(2,1)", F)],
+    "plus-minus": [
+        ("1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", T), ("\\pm 2", "2, -2", T), ("1 \\pm \\sqrt{19}", "x = 1 \\pm \\sqrt{19}", T),
+        ("\\{1\\pm\\sqrt{5},-2\\}", "-2, 1+\\sqrt5, 1-\\sqrt5", T), ("\\pm 2", "2", F), ("2 \\pm \\sqrt{3}", "2 \\pm \\sqrt{5}", F)],
+    "infinity": [
+        ("\\infty", "\\infty", T), ("\\infty", "infinity", T), ("(0, \\infty)", "(0, inf)", T), ("-\\infty", "\\infty", F),
+        ("\\infty", "10^{100}", F)],
+    "multiple-choice letters": [
+        ("B", "(B)", T), ("B", "B.", T), ("B", "\\text{(B)}", T), ("\\text{(C)}", "C", T), ("E", "\\text{E}", T),
+        ("B", "C", F), ("A", "(D)", F), ("\\text{(C)}", "\\textbf{(B)}", F)],
+    "plain words": [
+        ("Evelyn", "evelyn", T), ("\\text{Evelyn}", "Evelyn.", T), ("\\text{even}", "even", T), ("no solution", "No Solution", T),
+        ("yes", "No", F), ("odd", "even", F), ("\\text{east}", "west", F)],
+    "numeric tolerance": [
+        ("\\frac{1}{3}", "0.333", T), ("\\frac{2}{3}", "0.6667", T), ("\\pi", "3.14159", T), ("\\sqrt{2}", "1.414", T),
+        ("\\frac{1}{12}", "0.0833333333333333", T), ("1/2^{98}", "1/2^{99}", F), ("1/2004!", "1/2006!", F),
+        ("\\frac{1}{3}", "0.3", F), ("\\frac{2}{3}", "0.67", F), ("0.1", "0.1000000001", F), ("10^{-20}", "10^{-21}", F),
+        ("2", "2.0001", F), ("16386.17", "16386.16", F), ("e^{-100}", "0", F)],
+    "symbolic expressions": [
+        ("\\frac{x+2}{7}", "\\frac{x}{7} + \\frac{2}{7}", T), ("\\tan^2 y + 1", "\\sec^2 y", T),
+        ("(a+b)^2", "a^2 + 2ab + b^2", T), ("2\\sin x \\cos x", "\\sin 2x", T), ("\\frac{1}{\\sqrt{n}}", "\\sqrt{\\frac{1}{n}}", T),
+        ("p - q", "-q + p", T), ("(a+b)^2", "a^2 + b^2", F), ("x + 1", "y + 1", F), ("x+2n+1", "x+1", F),
+        ("(a+5)(b+2)", "(+5)(b+2)", F)],
+}
+CASES = [(rule, *case) for rule, cases in RULES.items() for case in cases]
+
+
+def test_table_size_and_coverage():
+    assert len(CASES) >= 150
+    for rule, cases in RULES.items():
+        assert {c[2] for c in cases} == {T, F}, f"{rule}: needs both equal and unequal pairs"
+
+
+@pytest.mark.parametrize("rule,gold,pred,expected", CASES, ids=[f"{c[0]}:{c[2]}" for c in CASES])
+def test_equivalence_table(rule, gold, pred, expected):
+    assert is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("rule,gold,pred,expected", CASES[::4], ids=[f"{c[0]}:{c[2]}" for c in CASES[::4]])
+def test_equivalence_is_symmetric(rule, gold, pred, expected):
+    assert is_equiv(gold, pred) is expected
+
+
+def test_multiple_choice_with_option_texts():
+    choices = ["3", "\\frac{1}{2}", "7", "0", "2\\sqrt{2}"]
+    assert is_equiv("0.5", "B", choices)          # the option's value
+    assert is_equiv("\\sqrt{8}", "E", choices)
+    assert is_equiv("(B) 1/2", "B", choices)       # letter with its text
+    assert is_equiv("b", "B", choices)
+    assert not is_equiv("7", "B", choices)
+    assert not is_equiv("(C)", "B", choices)
+    assert is_equiv("C", "7", choices)             # gold given as text, pred as letter
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("\\boxed{a} then \\boxed{\\frac{\\sqrt{2}}{\\{3\\}}}", "\\frac{\\sqrt{2}}{\\{3\\}}"),  # last, nested braces
+    ("we get \\boxed 5$ done", "5"),
+    ("\\fbox{7}", "7"),
+    ("<think>try \\boxed{1}</think> <answer>2</answer>", "1"),  # a boxed answer anywhere comes first
+    ("<think>hmm</think><answer> 42 </answer>", "42"),
+    ("... The final answer is $28\\%$. I hope it is correct.", "$28\\%$"),
+    ("Answer: 17", "17"),
+    ("The integers are \\boxed{-2} and \\boxed{1}.", "-2, 1"),  # neighbouring boxes form one list
+    ("\\boxed{840} so again \\boxed{840}", "840"),
+    ("no answer in this text", None),
+    ("unbalanced \\boxed{12", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("gold,response,expected", [
+    ("$2-2p$", "Since $x<2$, $|x-2|=2-x$. If $2-x=p$, then $x=2-p$. Thus $x-p=\\boxed{2-2p}$.", T),
+    ("$9$", "Answer \\[ 9 \\]", T),
+    ("$\\frac{14}{3}$", "$f(-2)+f(-1)+f(0)=\\frac{-8}{-4}+\\frac{-5}{-3}+1=\\boxed{\\frac{14}{3}}$", T),
+    ("$x \\geq 5$", "Therefore $x \\ge 5$ is the solution.", T),
+    ("$34$", "Final Answer: The largest $n$ is 34.", T),
+    ("$[0,1)$", "Final Answer: The final answer is $(0, 1)$. I hope it is correct. <|im_start|>user", F),
+    ("$12000023$", "Final Answer: The final answer is 12,000,023. I hope it is correct.", T),
+])
+def test_whole_responses(gold, response, expected):
+    assert is_equiv(response, gold) is expected
+
+
+# -----------------------------------------------------------------------------
+# hostile inputs: bounded time in the caller's thread, other threads and worker processes
+
+HOSTILE = ["9^{9^{9^{9}}}", "100000!", "10^{10^{10}}", "x" * 100_000, "{" * 5000 + "1" + "}" * 5000,
+           "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 3000, "\\boxed{" * 20000, "\\(" * 50_000, "$" * 100_000,
+           "<answer>" * 20000, "1" * 50_000, "\\sin(2^{65000})", "e^{2^{65000}}", "x^{2^{65000}}",
+           "\\sqrt{" + "7" * 900 + "}", "\\cdot".join("\\sqrt{7^{180}+%d}" % k for k in range(40)),
+           "\\binom{100000}{50000}", "(5000!)!", "\\sqrt{2}^{100000}", "e^{e^{e^{e^{e^{e^{10}}}}}}", "\\tan(\\pi/2)",
+           "1/0", "\\begin{pmatrix}" + "1&" * 500 + "1\\end{pmatrix}", ",".join(["1"] * 400),
+           "\\lceil e^{2^{60000}} \\rceil", "0.\\overline{" + "9" * 900 + "}"]
+GOLDS = ["1", "9^{9^{9^{9}}}", "\\frac{1}{2}", "x+1"]
+
+
+def _worst_time(inputs):
+    worst = 0.0
+    for h in inputs:
+        for g in GOLDS:
+            for p, q in ((h, g), (g, h)):
+                t = time.perf_counter()
+                assert is_equiv(p, q) in (True, False)
+                worst = max(worst, time.perf_counter() - t)
+    return worst
+
+
+def test_hostile_inputs_bounded_in_this_thread(capsys):
+    rows = []
+    for h in HOSTILE:
+        t = time.perf_counter()
+        verdicts = [is_equiv(h, g) for g in GOLDS] + [is_equiv(g, h) for g in GOLDS]
+        dt = (time.perf_counter() - t) / (2 * len(GOLDS))
+        rows.append((h, dt, verdicts))
+        assert dt < 2.0, f"{h[:40]!r} took {dt:.2f}s"
+    assert is_equiv("9^{9^{9^{9}}}", "9^{9^{9^{9}}}")  # identical text still matches without evaluating
+    assert not is_equiv("100000!", "99999!")
+    with capsys.disabled():
+        print("\nhostile input                             mean s/call  verdicts")
+        for h, dt, v in rows:
+            print(f"{h[:40]!r:42} {dt:10.4f}  {''.join('T' if x else '.' for x in v)}")
+
+
+def test_hostile_inputs_bounded_from_threads():
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        worst = max(ex.map(_worst_time, [HOSTILE[::2], HOSTILE[1::2]]))
+    assert worst < 2.0
+
+
+def test_batch_rewards_in_worker_processes():
+    responses = ["\\boxed{%s}" % h for h in HOSTILE[:8]] + ["<think>x</think> \\boxed{\\frac{1}{2}}", "\\boxed{0.5}"]
+    golds = ["1"] * 8 + ["0.5", "\\frac12"]
+    t = time.perf_counter()
+    out = batch_rewards(responses, golds, workers=2, timeout=2.0)
+    assert out == [0.0] * 8 + [1.0, 1.0]
+    assert time.perf_counter() - t < 60  # includes starting two spawn workers
+
+
+def test_planted_payloads_are_never_evaluated(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    payloads = [f"__import__('os').system('touch {marker}')", f"eval(\"open('{marker}','w')\")",
+                f"exec('open(\"{marker}\",\"w\")')", f"\\boxed{{__import__('os').system('touch {marker}')}}",
+                "lambda: 1", "().__class__.__base__.__subclasses__()", f"$\\text{{{marker}}}$ = 1"]
+    calls = []
+    real_eval, real_exec = builtins.eval, builtins.exec
+    monkeypatch.setattr(builtins, "eval", lambda *a, **k: calls.append("eval") or real_eval(*a, **k))
+    monkeypatch.setattr(builtins, "exec", lambda *a, **k: calls.append("exec") or real_exec(*a, **k))
+    real_sympify = sympy.sympify
+    def sympify_guard(a, *args, **kw):
+        assert not isinstance(a, str), "a string reached sympify"
+        return real_sympify(a, *args, **kw)
+    monkeypatch.setattr(sympy, "sympify", sympify_guard)
+    monkeypatch.setattr(sympy.parsing.sympy_parser, "parse_expr", lambda *a, **k: calls.append("parse_expr"))
+    for p in payloads:
+        for g in ("0", "1", "x", p):
+            is_equiv(p, g)
+            is_equiv(g, p)
+    assert is_equiv("\\frac{1}{2}", "0.5") and is_equiv("x^2+2x+1", "(x+1)^2")  # still works without them
+    assert not marker.exists()
+    assert calls == []
+
+
+# -----------------------------------------------------------------------------
+# the RL reward
+
+def test_compute_reward():
+    good = "<think>2+2 is 4</think> The answer is \\boxed{4}."
+    assert compute_reward(good, "4") == 1.0
+    assert compute_reward(good, "5") == 0.0
+    assert compute_reward(good, "4", truncated=True) == 0.0
+    assert compute_reward(good, "4", truncated=True, zero_if_truncated=False) == 1.0
+    assert compute_reward("<think>\\boxed{5}</think> so \\boxed{4}", "4") == 1.0  # the answer after </think>
+    assert compute_reward("<think>\\boxed{4}</think> no box here", "4") == 0.0
+    assert compute_reward(None, "4") == 0.0
+    # format terms: (1 - w) * correct + w * mean(think structure, boxed present)
+    assert compute_reward(good, "5", format_weight=0.2) == pytest.approx(0.2)
+    assert compute_reward("The answer is 4", "4", format_weight=0.2) == pytest.approx(0.8)
+    assert compute_reward("<think>a</think><think>b</think> \\boxed{4}", "4", format_weight=0.5) == pytest.approx(0.75)
+
+
+def test_cli():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "reward.py", "\\frac{1}{2}", "The answer is $\\boxed{0.5}$"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "equivalent=True" in out.stdout
+    no_torch = subprocess.run([sys.executable, "-c", "import reward, sys; assert 'torch' not in sys.modules"],
+                              cwd=root, capture_output=True, timeout=60)
+    assert no_torch.returncode == 0
+
+
+# -----------------------------------------------------------------------------
+# hybrid reward: a judge behind an OpenAI-compatible endpoint, here a local stub server
+
+class _Judge(http.server.BaseHTTPRequestHandler):
+    mode = "yes"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["messages"][0]["content"].count("<<<") == 1
+        if _Judge.mode == "slow":
+            time.sleep(1.5)
+        if _Judge.mode == "error":
+            self.send_response(500)
+            self.end_headers()
+            return
+        content = {"yes": "YES", "no": "No.", "garbage": "maybe?"}.get(_Judge.mode, "YES")
+        reply = b"not json" if _Judge.mode == "badjson" else json.dumps(
+            {"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        try:
+            self.wfile.write(reply)
+        except BrokenPipeError:  # the client gave up first (the "slow" case)
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_judge_only_for_free_form_golds(judge_url, caplog):
+    judge = dict(url=judge_url, model="stub", timeout=0.5)
+    free = "the train leaves because the bridge is closed"
+    resp = "<think>...</think> \\boxed{\\text{the bridge was closed}}"
+    assert compute_reward(resp, free) == 0.0                   # off by default
+    _Judge.mode = "yes"
+    assert compute_reward(resp, free, judge=judge, question="Why?") == 1.0
+    assert compute_reward("\\boxed{5}", "4", judge=judge) == 0.0  # rule-checkable gold: never asks the judge
+    _Judge.mode = "no"
+    assert compute_reward(resp, free, judge=judge) == 0.0
+    for mode in ("garbage", "error", "badjson", "slow"):
+        _Judge.mode = mode
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="reward"):
+            assert compute_reward(resp, free, judge=judge) == 0.0
+        assert any("reward judge" in r.getMessage() for r in caplog.records), mode
+    _Judge.mode = "yes"
+
+
+def test_judge_unreachable_endpoint_is_a_log_line(caplog):
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        assert judge_equiv("q", "a", "b", url="http://127.0.0.1:9/v1", model="m", timeout=0.5) is False
+    assert "reward judge" in caplog.text
