@@ -141,10 +141,11 @@ def _answer_text(s):
 _UNICODE = {"−": "-", "–": "-", "×": "\\times ", "·": "\\cdot ", "÷": "\\div ", "π": "\\pi ", "∞": "\\infty ",
             "√": "\\sqrt ", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "∪": "\\cup ", "∩": "\\cap ", "°": "",
             "掳": "", "⁄": "/", "²": "^2", "³": "^3", "\u2009": " ", "\u00a0": " "}
-_UNITS = ("cm|mm|km|m|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|in|feet|foot|ft|yards?|yd|miles?|mi|"
-          "units?|sq|square|cubic|degrees?|deg|radians?|rad|cents?|dollars?|hours?|hrs?|h|minutes?|mins?|"
-          "seconds?|secs?|s|days?|weeks?|months?|years?|kg|g|grams?|kilograms?|pounds?|lbs?|oz|ounces?|mph|"
-          "liters?|litres?|l|ml|gallons?|mL|ways|people|students|points|times|digits|numbers|integers")
+_UNITS = ("cm|mm|km|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|feet|foot|ft|yards?|yd|miles?|mi|"
+          "units?|sq|square|cubic|degrees?|deg|radians?|rad|cents?|dollars?|hours?|hrs?|minutes?|mins?|"
+          "seconds?|secs?|days?|weeks?|months?|years?|kg|grams?|kilograms?|pounds?|lbs?|oz|ounces?|mph|"
+          "liters?|litres?|ml|gallons?|mL|ways|people|students|points|times|digits|numbers|integers")
+_SHORT_UNITS = "m|h|s|g|l|in"  # only right after a number: "\pi r^2 h" keeps its h
 _TEXT_CMDS = "text|textbf|textit|textnormal|textrm|mathrm|mathit|mathbf|mathsf|mbox|operatorname|textsf"
 _NOISE = re.compile(r"(?<!\\)\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle|textstyle|limits|!|,|;|:| |quad|qquad)"
                     r"(?![a-zA-Z])|~")
@@ -164,7 +165,9 @@ def _clean(s):
     for _ in range(2):  # trailing unit: \text{ cm}^2 after something, or a bare unit word after a number
         s = re.sub(r"(?<=\S)\s*\\(?:" + _TEXT_CMDS + r")\{[^{}]*\}\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
         s = re.sub(r"(?<=[\d}) ])\s*\b(?:" + _UNITS + r")\b\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
-    s = s.strip().rstrip(".,;").strip()
+        s = re.sub(r"(^|[^^_\w.{])(\d+(?:\.\d+)?)\s*(?:" + _SHORT_UNITS + r")\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$",
+                   r"\1\2", s)
+    s = s.strip().rstrip(".,;").lstrip("=:").strip()  # "Area $=9 \pi$" -> "9 \pi"
     s = re.sub(r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)", s)  # mixed number 7 3/4
     if not re.search(r"[(\[]|\\\{", s):  # thousands separators, only where commas cannot mean a tuple
         s = re.sub(r"(?<![\d.])(\d{1,3})((?:,\d{3})+)(?![\d])", lambda m: m.group(1) + m.group(2).replace(",", ""), s)
@@ -224,6 +227,12 @@ _RELOPS = {"=": "=", "==": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "!="
            "neq": "!=", "approx": "~", "equiv": "=", "in": "in", "coloneqq": "="}
 _SPACING = {"left", "right", "big", "Big", "bigl", "bigr", "Bigl", "Bigr", "displaystyle", "textstyle", "limits",
             "quad", "qquad", "!", ",", ";", ":", " "}
+_INFIX = {"cup", "cap", "cdot", "times", "div", "pm", "mp", "to", "rightarrow", "Rightarrow", "choose", "setminus",
+          "end", "ast"}
+_CONSTANTS = {"pi": sp.pi, "infty": sp.oo, "inf": sp.oo, "infinity": sp.oo, "oo": sp.oo, "emptyset": ("set", ()),
+              "varnothing": ("set", ())}
+_WRAPPERS = {"text", "textbf", "textit", "textnormal", "textrm", "mathrm", "mathit", "mathbf", "mathsf", "mbox",
+             "operatorname", "textsf", "boxed", "fbox", "mathbb"}
 _IGNORED = {"boxed", "fbox", "angle", "measuredangle", "vec", "overrightarrow", "overline", "hat", "bar", "mathbb",
             "dots", "displaystyle", "bf", "rm"}
 
@@ -278,12 +287,6 @@ def _pow(b, e, budget=None):
     return sp.Pow(b, e)
 
 
-def _fact(n):
-    if n.is_Integer and n > 5000:
-        raise _Fail("factorial too large")
-    return sp.factorial(n)
-
-
 def _binom(n, k):
     if n.is_Integer and n > 20000:
         raise _Fail("binomial too large")
@@ -291,39 +294,43 @@ def _binom(n, k):
 
 
 class _Parser:
-    """Grammar, loosest first:
-       list := item ((,|;) item)*       item := union (relop union)*     union := expr (\\cup expr)*
-       expr := [+-] term ((+|-) term)*  term := power ((*|/|implicit) power)*
-       power := postfix [^ exponent]    postfix := atom [! | _sub]
-       atom := number | letter | \\cmd... | ( list ) | [ list ) | \\{ list \\} | { list } | |expr| | matrix"""
+    """Recursive descent over the tokens, loosest binding first:
+       list := item ((,|;) item)*        item := union (relop union)*      union := expr (\\cup expr)*
+       expr := [+-] term ((+|-) term)*   term := power ((*|/|implicit) power)*
+       power := postfix [^ exponent]     postfix := atom (! | ')*
+       atom := number | letter | \\command ... | ( list ) | [ list ) | \\{ list \\} | { list } | |expr|
+    Scalars are sympy objects; structures are tuples: ("tuple", brackets, items), ("set", items),
+    ("list", items) (a bare comma list), ("union", parts), ("rel", ops, operands), ("x", expr, sig)."""
 
-    def __init__(self, s):
-        self.toks = _tokenize(s)
-        self.i = 0
-        self.depth = 0
-        self.budget = [0]  # bits of rational radicands seen so far, see _pow
-        if len(self.toks) > 400:
+    def __init__(self, toks, budget=None):
+        if len(toks) > 400:
             raise _Fail("too many tokens")
+        self.toks, self.i, self.depth, self.bars = toks, 0, 0, 0  # bars: open |...| around us
+        self.budget = budget or [0]  # bits of rational radicands so far, see _pow
 
-    def peek(self, k=0):
-        j = self.i + k
-        return self.toks[j] if j < len(self.toks) else ("end", "")
-
-    def take(self, kind=None, val=None):
-        t = self.peek()
-        if (kind and t[0] != kind) or (val is not None and t[1] != val):
-            raise _Fail(f"expected {val or kind}, got {t}")
-        self.i += 1
-        return t
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else ("end", "")
 
     def at(self, kind, *vals):
         t = self.peek()
         return t[0] == kind and (not vals or t[1] in vals)
 
-    def enter(self):
+    def take(self, kind=None, *vals):
+        if kind and not self.at(kind, *vals):
+            raise _Fail(f"expected {vals or kind}, got {self.peek()}")
+        self.i += 1
+        return self.toks[self.i - 1][1]
+
+    def eat(self, kind, *vals):  # take the next token if it matches
+        return self.at(kind, *vals) and self.take()
+
+    def nest(self, f, *args):  # every recursion passes here: thousands of brackets fail fast
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise _Fail("nesting too deep")
+        v = f(*args)
+        self.depth -= 1
+        return v
 
     def parse(self):
         items = self.list_()
@@ -333,290 +340,219 @@ class _Parser:
 
     def list_(self):
         items = [self.item()]
-        while self.at("op", ",", ";"):
-            self.take()
+        while self.eat("op", ",", ";"):
             items.append(self.item())
         return items
 
     def item(self):
-        start = self.i
-        operands, ops = [self.union()], []
-        while self.at("op", "=", "==", "<", ">", "<=", ">=", "!=") or (self.at("cmd") and self.peek()[1] in _RELOPS):
-            ops.append(_RELOPS[self.take()[1]])
+        start, operands, ops = self.i, [self.union()], []
+        while self.at("op", *_RELOPS) or (self.at("cmd") and self.peek()[1] in _RELOPS):
+            ops.append(_RELOPS[self.take()])
             operands.append(self.union())
-        # decimals written with few digits get a rounding tolerance later: remember the fewest digits
+        # a decimal is compared with a rounding tolerance: remember its significant digits (fewest wins)
         sig = [len(re.split("[eE]", v)[0].replace(".", "").lstrip("0")) or 1
                for k, v in self.toks[start:self.i] if k == "num" and "." in v]
-        sig = min(sig) if sig else None
-        operands = [("x", v, sig) if isinstance(v, sp.Basic) else v for v in operands]
+        operands = [("x", v, min(sig) if sig else None) if isinstance(v, sp.Basic) else v for v in operands]
         return ("rel", tuple(ops), tuple(operands)) if ops else operands[0]
 
     def union(self):
-        parts = [self.expr()]
-        while self.at("cmd", "cup") or self.at("id", "U"):
-            self.take()
-            parts.append(self.expr())
-        if len(parts) == 1:
-            return parts[0]
-        return ("union", tuple(("x", p, None) if isinstance(p, sp.Basic) else p for p in parts))
+        parts = [self.nest(self.expr)]
+        while self.eat("cmd", "cup") or self.eat("id", "U"):
+            parts.append(self.nest(self.expr))
+        return parts[0] if len(parts) == 1 else ("union", tuple(_box(p) for p in parts))
 
     def expr(self):
-        self.enter()
-        sign = 1
+        neg = False
         while self.at("op", "+", "-"):
-            sign = -sign if self.take()[1] == "-" else sign
+            neg ^= self.take() == "-"
         v = self.term()
-        if sign < 0:
-            v = -_scalar(v)
+        v = -_scalar(v) if neg else v
         while self.at("op", "+", "-"):
-            op = self.take()[1]
-            w = self.term()
-            v = _scalar(v) + _scalar(w) if op == "+" else _scalar(v) - _scalar(w)
-        self.depth -= 1
+            op, w = self.take(), _scalar(self.term())
+            v = _scalar(v) + w if op == "+" else _scalar(v) - w
         return v
 
     def term(self):
         v = self.power()
         while True:
-            if self.at("op", "*") or self.at("cmd", "cdot", "times", "ast"):
-                self.take()
+            if self.eat("op", "*") or self.eat("cmd", "cdot", "times", "ast"):
                 v = _scalar(v) * _scalar(self.power())
-            elif self.at("op", "/") or self.at("cmd", "div"):
-                self.take()
+            elif self.eat("op", "/") or self.eat("cmd", "div"):
                 v = _scalar(v) * _pow(_scalar(self.power()), sp.Integer(-1))
             elif self.starts_atom() and not (self.at("num") and isinstance(v, sp.Number)):
-                v = _scalar(v) * _scalar(self.power())  # implicit product: 2x, 2\pi, (a+1)(b+2)
+                v = _scalar(v) * _scalar(self.power())  # implicit product 2x, 2\pi, (a+1)(b+2); not "2 3"
             else:
                 return v
 
     def starts_atom(self):
         k, v = self.peek()
-        if k in ("num", "id"):
-            return True
-        if k == "op":
-            return v in ("(", "\\{")
-        return k == "cmd" and v not in _RELOPS and v not in ("cup", "cap", "cdot", "times", "div", "pm", "mp",
-                                                             "to", "rightarrow", "Rightarrow", "choose", "setminus",
-                                                             "end", "ast")
+        return k in ("num", "id") or (k == "op" and (v in ("(", "\\{") or v == "|" and not self.bars)) or (
+            k == "cmd" and v not in _RELOPS and v not in _INFIX)
 
     def power(self):
         v = self.postfix()
-        if self.at("op", "^"):
-            self.take()
-            self.enter()
+        if self.eat("op", "^"):
             if self.at("op", "-", "+"):
-                e = -_scalar(self.power()) if self.take()[1] == "-" else _scalar(self.power())
+                sign = -1 if self.take() == "-" else 1
+                e = sign * _scalar(self.nest(self.power))
             else:
-                e = _scalar(self.postfix())
-            self.depth -= 1
+                e = _scalar(self.nest(self.postfix))
             v = _pow(_scalar(v), e, self.budget)
         return v
 
     def postfix(self):
-        v = self.atom()
-        while True:
-            if self.at("op", "!"):
-                self.take()
-                v = _fact(_scalar(v))
-            elif self.at("op", "'"):
-                self.take()
-                v = sp.Symbol(str(_scalar(v)) + "'")
+        v = self.nest(self.atom)
+        while self.at("op", "!", "'"):
+            if self.take() == "!":
+                n = _scalar(v)
+                if n.is_Integer and n > 5000:
+                    raise _Fail("factorial too large")
+                v = sp.factorial(n)
             else:
-                return v
+                v = sp.Symbol(str(_scalar(v)) + "'")
+        return v
 
     def arg(self):
-        """A LaTeX macro argument: {group}, or a single character (\\frac12, \\sqrt3)."""
+        """A macro argument: {group}, or one character (\\frac12, \\sqrt3)."""
         k, v = self.peek()
-        if k == "op" and v == "{":
-            return _scalar(self.atom())
         if k == "num" and len(v) > 1:
-            self.toks[self.i] = ("num", v[1:])
             if v[0] == ".":
                 raise _Fail("bad argument")
+            self.toks[self.i] = ("num", v[1:])
             return sp.Integer(v[0])
-        return _scalar(self.atom())
+        return _scalar(self.nest(self.atom))
 
     def atom(self):
-        self.enter()
-        k, v = self.take()
+        k, v = self.peek()
+        self.i += 1
         if k == "num":
-            r = sp.Rational(v if not v.endswith(".") else v[:-1])
+            r = sp.Rational(v.rstrip("."))
             if self.at("cmd", "frac") and "." not in v:  # mixed number 2\frac12
-                save = self.i
-                self.take()
-                f = self.arg() * _pow(self.arg(), sp.Integer(-1))
-                if f.is_Rational and 0 < f < 1:
-                    r = r + f
-                else:
-                    self.i = save
-            if self.at("op", "_"):  # 204_5: a base subscript, kept as an opaque symbol
-                self.take()
-                r = sp.Symbol(v + "_" + self.subscript())
+                save, _ = self.i, self.take()
+                f = self.arg() / self.arg()
+                r, self.i = (r + f, self.i) if f.is_Rational and 0 < f < 1 else (r, save)
         elif k == "id":
             r = {"e": sp.E, "i": sp.I}.get(v) or sp.Symbol(v)
-            if self.at("op", "_"):
-                self.take()
-                r = sp.Symbol(v + "_" + self.subscript())
         elif k == "op":
-            r = self.group(v)
+            return self.group(v)
         elif k == "cmd":
-            r = self.command(v)
+            return self.command(v)
         else:
             raise _Fail(f"unexpected {v!r}")
-        self.depth -= 1
+        if self.eat("op", "_"):  # x_1, a_{n}; 204_5 (a base) stays an opaque symbol too
+            if self.eat("op", "{"):
+                j = self.toks.index(("op", "}"), self.i)
+                sub, self.i = "".join(str(t[1]) for t in self.toks[self.i:j]), j + 1
+            else:
+                sub = str(self.take())
+            r = sp.Symbol(f"{v}_{sub}")
         return r
 
-    def subscript(self):
-        if self.at("op", "{"):
-            self.take()
-            j = self.i
-            while not self.at("op", "}"):
-                if self.peek()[0] == "end":
-                    raise _Fail("unclosed subscript")
-                self.i += 1
-            name = "".join(str(t[1]) for t in self.toks[j:self.i])
-            self.take()
-            return name
-        return str(self.take()[1])
-
     def group(self, v):
-        if v == "(" or v == "[":
-            items = self.list_()
-            close = self.take("op")[1]
-            if close not in (")", "]"):
-                raise _Fail("bad bracket")
-            if len(items) == 1 and v + close in ("()", "[]"):
-                return items[0][1] if items[0][0] == "x" else items[0]
-            return ("tuple", v + close, tuple(items))
-        if v == "{":
-            if self.at("op", "}"):
-                self.take()
-                return ("set", ())
-            items = self.list_()
-            if self.at("cmd", "choose"):  # {n \choose k}
-                self.take()
-                k = self.expr()
-                self.take("op", "}")
-                return _binom(_scalar(items[0]), _scalar(k))
-            self.take("op", "}")
+        if v in ("(", "["):
+            items, close = self.list_(), self.take("op", ")", "]")
             if len(items) == 1:
                 return items[0][1] if items[0][0] == "x" else items[0]
-            return ("list", tuple(items))
-        if v == "\\{":
-            if self.at("op", "\\}"):
-                self.take()
+            return ("tuple", v + close, tuple(items))
+        if v in ("{", "\\{"):
+            close = "}" if v == "{" else "\\}"
+            if self.eat("op", close):
                 return ("set", ())
             items = self.list_()
-            self.take("op", "\\}")
-            return ("set", tuple(items))
+            if v == "{" and self.eat("cmd", "choose"):  # {n \choose k}
+                items.append(_box(self.nest(self.expr)))
+                self.take("op", close)
+                return _binom(_scalar(items[0]), _scalar(items[1]))
+            self.take("op", close)
+            if v == "\\{":
+                return ("set", tuple(items))
+            return (items[0][1] if items[0][0] == "x" else items[0]) if len(items) == 1 else ("list", tuple(items))
         if v == "|":
-            x = self.expr()
+            self.bars += 1
+            x = self.nest(self.expr)
             self.take("op", "|")
+            self.bars -= 1
             return sp.Abs(_scalar(x))
         raise _Fail(f"unexpected {v!r}")
 
     def command(self, c):
         if c in ("frac", "dfrac", "tfrac", "cfrac"):
-            num, den = self.arg(), self.arg()
-            return num * _pow(den, sp.Integer(-1))
+            return self.arg() * _pow(self.arg(), sp.Integer(-1))
         if c == "sqrt":
-            if self.at("op", "["):
-                self.take()
-                n = _scalar(self.expr())
+            n = sp.Integer(2)
+            if self.eat("op", "["):
+                n = _scalar(self.nest(self.expr))
                 self.take("op", "]")
-                return _pow(self.arg(), 1 / n, self.budget)
-            return _pow(self.arg(), sp.Rational(1, 2), self.budget)
+            return _pow(self.arg(), 1 / n, self.budget)
         if c in ("binom", "dbinom", "tbinom"):
             return _binom(self.arg(), self.arg())
-        if c in ("pi",):
-            return sp.pi
-        if c in ("infty", "inf", "infinity", "oo"):
-            return sp.oo
-        if c in ("emptyset", "varnothing"):
-            return ("set", ())
+        if c in _CONSTANTS:
+            return _CONSTANTS[c]
         if c in ("lfloor", "lceil"):
-            x = _scalar(self.expr())
+            x = _scalar(self.nest(self.expr))
             self.take("cmd", "rfloor" if c == "lfloor" else "rceil")
             return sp.floor(x) if c == "lfloor" else sp.ceiling(x)
-        if c in _FUNCS:
-            base = None
-            if c == "log" and self.at("op", "_"):
-                self.take()
-                base = self.arg()
-            power = None
-            if self.at("op", "^"):  # \sin^2 x
-                self.take()
-                power = self.arg()
+        if c in _FUNCS:  # \log_2 8, \sin^2 x, \ln(x)
+            base = self.arg() if c == "log" and self.eat("op", "_") else None
+            power = self.arg() if self.eat("op", "^") else None
             x = self.func_arg()
             r = sp.log(x, base) if base is not None else _FUNCS[c](x)
             return _pow(r, power, self.budget) if power is not None else r
-        if c in ("text", "textbf", "textit", "textnormal", "textrm", "mathrm", "mathit", "mathbf", "mathsf",
-                 "mbox", "operatorname", "textsf", "boxed", "fbox", "mathbb"):
-            self.take("op", "{")
-            j = self.i
-            depth = 1
-            while depth:
-                t = self.take()
-                if t[0] == "end":
-                    raise _Fail("unclosed")
-                depth += {"{": 1, "}": -1}.get(t[1], 0) if t[0] == "op" else 0
-            inner = self.toks[j:self.i - 1]
-            if c == "mathbb" and inner == [("id", "R")]:
-                return ("tuple", "()", (("x", -sp.oo, None), ("x", sp.oo, None)))
-            if all(t[0] == "id" for t in inner) and len(inner) > 1:  # \text{odd}: a word
-                return sp.Symbol("".join(t[1] for t in inner).lower())
-            sub = _Parser.__new__(_Parser)
-            sub.toks, sub.i, sub.depth, sub.budget = inner, 0, self.depth, self.budget
-            return sub.parse() if inner else sp.Integer(1)
+        if c in _WRAPPERS:
+            return self.wrapped(c)
         if c == "begin":
             return self.matrix()
-        if c in _IGNORED:
-            return self.atom()
+        if c in _IGNORED:  # \angle ABC, \overline{AB}: the thing itself
+            return self.nest(self.atom)
         if len(c) > 1 and c.isalpha():  # \alpha, \theta, unknown macros: an opaque symbol
             return sp.Symbol(c)
         raise _Fail(f"unexpected \\{c}")
 
+    def wrapped(self, c):
+        """\\text{...} and friends: a word is a symbol, anything else is parsed as math."""
+        self.take("op", "{")
+        j, depth = self.i, 1
+        while depth:
+            if self.i >= len(self.toks):
+                raise _Fail("unclosed")
+            k, v = self.toks[self.i]
+            depth += {"{": 1, "}": -1}.get(v, 0) if k == "op" else 0
+            self.i += 1
+        inner = self.toks[j:self.i - 1]
+        if c == "mathbb" and inner == [("id", "R")]:
+            return ("tuple", "()", (("x", -sp.oo, None), ("x", sp.oo, None)))
+        if len(inner) > 1 and all(t[0] == "id" for t in inner):  # \text{odd}: one case-insensitive word
+            return sp.Symbol("".join(t[1] for t in inner).lower())
+        sub = _Parser(inner, self.budget)
+        sub.depth = self.depth
+        return sub.parse() if inner else sp.Integer(1)
+
     def func_arg(self):
+        """\\sin(x), \\sin 2x, \\sin b \\cos a: a bare argument runs until the next function."""
         if self.at("op", "("):
-            return _scalar(self.atom())
+            return _scalar(self.nest(self.atom))
         v = _scalar(self.power())
         while self.starts_atom() and not (self.at("cmd") and self.peek()[1] in _FUNCS):
             v = v * _scalar(self.power())
         return v
 
     def matrix(self):
+        """pmatrix, bmatrix, array, ...: cells split by & and rows by \\\\ (vmatrix is a determinant)."""
         self.take("op", "{")
-        env = ""
-        while not self.at("op", "}"):
-            env += str(self.take()[1])
-        self.take("op", "}")
-        if env == "array" and self.at("op", "{"):  # column spec {cc}
-            while not self.at("op", "}"):
-                self.take()
-            self.take()
-        rows, row = [], []
-        while True:
-            if self.at("cmd", "end"):
-                break
-            if self.at("row"):
-                self.take()
-                rows.append(row)
-                row = []
-                continue
-            if self.at("op", "&"):
-                self.take()
-                continue
-            row.append(_scalar(self.expr()))
-            if len(row) + sum(map(len, rows)) > 100:
-                raise _Fail("matrix too large")
-        self.take("cmd", "end")
-        self.take("op", "{")
-        while not self.at("op", "}"):
-            self.take()
-        self.take()
-        rows = [r for r in rows + [row] if r]
-        if not rows or len({len(r) for r in rows}) != 1:
-            raise _Fail("ragged matrix")
+        j = self.toks.index(("op", "}"), self.i)
+        env, self.i = "".join(str(t[1]) for t in self.toks[self.i:j]), j + 1
+        if env == "array" and self.eat("op", "{"):  # column spec {cc}
+            self.i = self.toks.index(("op", "}"), self.i) + 1
+        rows = [[]]
+        while not self.eat("cmd", "end"):
+            if self.eat("row"):
+                rows.append([])
+            elif not self.eat("op", "&"):
+                rows[-1].append(_scalar(self.nest(self.expr)))
+        self.i = self.toks.index(("op", "}"), self.i) + 1
+        rows = [r for r in rows if r]
+        if not rows or len({len(r) for r in rows}) != 1 or len(rows) * len(rows[0]) > 100:
+            raise _Fail("empty, ragged or large matrix")
         m = sp.ImmutableMatrix(rows)
         return m.det() if env == "vmatrix" and m.is_square and m.rows <= 4 else m
 
@@ -624,55 +560,49 @@ class _Parser:
 def _scalar(v):
     if isinstance(v, sp.Basic):
         return v
-    if isinstance(v, tuple) and v[0] == "x":
+    if v[0] == "x":
         return v[1]
     raise _Fail("structure used in arithmetic")
 
 
-@lru_cache(maxsize=1 << 14)
-def _values(s):
-    """All readings of an answer string: % may mean /100 or be a unit, \\pm gives both signs."""
-    if len(s) > 2 * MAX_ANSWER:
-        return ()
-    s = _clean(s)
-    if not s or len(s) > MAX_ANSWER:
-        return ()
-    if re.fullmatch(r"[A-Za-z][A-Za-z\s'-]*", s) and re.search(r"[A-Za-z]{2}", s) \
-            and s.strip() not in ("pi", "infty", "infinity", "inf"):  # a word answer: "Evelyn", "no solution"
-        return (("text", " ".join(s.lower().split())),)
-    readings = [s]
-    if "%" in s:
-        readings = [s.replace("%", "/100"), s.replace("%", "")]
-    out = []
-    for r in readings:
-        n = len(re.findall(r"\\pm|\\mp", r))
-        if 0 < n <= 2:
-            both = [_parse(r.replace("\\pm", "+").replace("\\mp", "-")),
-                    _parse(r.replace("\\pm", "-").replace("\\mp", "+"))]
-            if all(v is not None for v in both):
-                items = []
-                for v in both:
-                    items.extend(v[1] if v[0] in ("list", "set") else (v,))
-                out.append(("set", tuple(items)))
-        else:
-            v = _parse(r)
-            if v is not None:
-                out.append(v)
-    return tuple(out)
+def _box(v):
+    return ("x", v, None) if isinstance(v, sp.Basic) else v
 
 
 def _parse(s):
     try:
-        v = _Parser(s).parse()
+        return _box(_Parser(_tokenize(s)).parse())
     except (_Fail, ValueError, TypeError, ArithmeticError, AttributeError, IndexError, RecursionError):
         return None  # sympy's own errors (ShapeError, SympifyError) are ValueError subclasses
-    return ("x", v, None) if isinstance(v, sp.Basic) else v
+
+
+@lru_cache(maxsize=1 << 14)
+def _values(s):
+    """All readings of an answer string: a word answer, or parsed math where % may mean /100 or be
+    a unit (28\\% vs 0.28 and vs 28), and \\pm stands for both signs."""
+    s = _clean(s) if len(s) <= 2 * MAX_ANSWER else ""
+    if not s or len(s) > MAX_ANSWER:
+        return ()
+    if re.fullmatch(r"[A-Za-z][A-Za-z\s'-]*", s) and re.search(r"[A-Za-z]{2}", s) \
+            and s not in ("pi", "infty", "infinity", "inf"):  # a word answer: "Evelyn", "no solution"
+        return (("text", " ".join(s.lower().split())),)
+    out = []
+    for r in [s.replace("%", "/100"), s.replace("%", "")] if "%" in s else [s]:
+        if 0 < len(re.findall(r"\\pm|\\mp", r)) <= 2:
+            both = [_parse(r.replace("\\pm", "+").replace("\\mp", "-")),
+                    _parse(r.replace("\\pm", "-").replace("\\mp", "+"))]
+            if None not in both:
+                out.append(("set", tuple(x for v in both for x in (v[1] if v[0] in ("list", "set") else (v,)))))
+        elif (v := _parse(r)) is not None:
+            out.append(v)
+    return tuple(out)
 
 
 # -----------------------------------------------------------------------------
 # comparison: structures, relations, scalars (exact first, then numeric at fixed points)
 
 _POINTS = [sp.Rational(p) for p in ("0.8353", "1.3719", "2.2291", "0.5767", "1.7843", "2.6581")]
+_FLIP = {">": "<", ">=": "<="}
 _CLOCK = threading.local()  # per-thread deadline of the current is_equiv call
 
 
@@ -770,26 +700,15 @@ def _rel_value(r):
         return xs[-1]
     if ops == ("in",) and _label(xs[0]):
         return xs[1]
-    if len(ops) in (1, 2) and all(o in ("<", "<=", ">", ">=") for o in ops):
-        if len(ops) == 1:
-            x, lo, hi = (xs[0], None, xs[1]) if ops[0][0] == "<" else (xs[0], xs[1], None)
-            if not _label(x):  # 5 < x
-                x, lo, hi = (xs[1], xs[0], None) if ops[0][0] == "<" else (xs[1], None, xs[0])
-            closed = ops[0].endswith("=")
-            left = "[" if lo is not None and closed else "("
-            right = "]" if hi is not None and closed else ")"
-        else:
-            if ops[0][0] != ops[1][0]:
-                return None
-            lo, x, hi = xs if ops[0][0] == "<" else xs[::-1]
-            left, right = ("[" if ops[0].endswith("=") else "("), ("]" if ops[1].endswith("=") else ")")
-            if ops[0][0] == ">":
-                left, right = ("[" if ops[1].endswith("=") else "("), ("]" if ops[0].endswith("=") else ")")
-        if not (x[0] == "x" and x[1].is_Symbol):
+    if 0 < len(ops) <= 2 and all(o in ("<", "<=", ">", ">=") for o in ops):
+        if ops[0] in _FLIP:  # 5 > x >= 1  ->  1 <= x < 5
+            ops, xs = tuple(_FLIP.get(o, o) for o in ops[::-1]), xs[::-1]
+        if len(ops) == 1:  # x < 5  ->  -oo < x < 5;  5 < x  ->  5 < x < oo
+            inf = lambda s: ("x", s * sp.oo, None)
+            ops, xs = (("<",) + ops, (inf(-1),) + xs) if _label(xs[0]) else (ops + ("<",), xs + (inf(1),))
+        if any(o not in ("<", "<=") for o in ops) or not (xs[1][0] == "x" and xs[1][1].is_Symbol):
             return None
-        lo = lo if lo is not None else ("x", -sp.oo, None)
-        hi = hi if hi is not None else ("x", sp.oo, None)
-        return ("tuple", left + right, (lo, hi))
+        return ("tuple", ("[" if ops[0] == "<=" else "(") + ("]" if ops[1] == "<=" else ")"), (xs[0], xs[2]))
     return None
 
 
@@ -824,11 +743,10 @@ def _rel_eq(a, b):
         ob, xb = ob[:1], (xb[0], xb[-1])
     if len(oa) != 1 or len(ob) != 1:  # chains: same operators, operands equal one by one
         return oa == ob and all(_eq(x, y) for x, y in zip(xa, xb))
-    flip = {">": "<", ">=": "<="}
-    if oa[0] in flip:
-        oa, xa = (flip[oa[0]],), xa[::-1]
-    if ob[0] in flip:
-        ob, xb = (flip[ob[0]],), xb[::-1]
+    if oa[0] in _FLIP:  # x > 5 is 5 < x
+        oa, xa = (_FLIP[oa[0]],), xa[::-1]
+    if ob[0] in _FLIP:
+        ob, xb = (_FLIP[ob[0]],), xb[::-1]
     if oa != ob or not all(x[0] == "x" for x in xa + xb):
         return False
     if oa[0] in ("=", "~") and _label(xa[0]) and _label(xb[0]) and xa[0][1] == xb[0][1]:
