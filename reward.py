@@ -24,9 +24,9 @@ import sys
 import threading
 import time
 import urllib.request
+from fractions import Fraction
 from functools import lru_cache
 
-import mpmath
 import sympy as sp
 
 log = logging.getLogger("reward")
@@ -35,8 +35,8 @@ MAX_TEXT = 1_000_000  # chars: longer responses are not even scanned
 MAX_ANSWER = 1000     # chars: an extracted answer longer than this is not parsed (string compare only)
 MAX_DEPTH = 40        # parser nesting depth (brackets, fractions, powers)
 MAX_BITS = 1 << 16    # largest integer a power / factorial / binomial may produce (~20k digits)
-DPS = 30              # digits used for numeric comparison
-REL_TOL = 1e-20       # relative tolerance between two exact values evaluated at DPS digits
+DPS = 50              # digits used for numeric comparison
+REL_TOL = Fraction(1, 10 ** 35)  # between two exact values (e^{pi sqrt 163} is 3e-30 off an integer)
 
 # -----------------------------------------------------------------------------
 # extraction: where the final answer sits in a response
@@ -284,6 +284,11 @@ def _pow(b, e, budget=None):
             budget[0] += bits
         if bits * max(abs(e), 1) > MAX_BITS or (budget or [0])[0] > 400:
             raise _Fail("radical too large")
+    elif e.is_number and not e.is_Integer:  # \pi^{\pi^{\pi^{\pi}}}: evalf would ask for millions of digits
+        ef = abs(complex(e.evalf(15)))  # cheap: e itself was built through _pow, so it is of sane size
+        bf = abs(complex(b.evalf(15))) if b.is_number else 3.0
+        if ef > 1e6 or (bf > 0 and ef * abs(math.log10(bf)) > 1e4):
+            raise _Fail("power too large")
     return sp.Pow(b, e)
 
 
@@ -614,35 +619,48 @@ def _check_time():
 
 @lru_cache(maxsize=1 << 14)
 def _num(e, syms=(), k=0, dps=DPS):
-    """e evaluated to dps digits at test point k (positive values for syms), as an mpmath complex;
-    None when undefined (nan, infinite) or not a number."""
+    """e evaluated to dps digits at test point k (positive values for syms), as an exact pair of
+    Fractions (re, im): exact arithmetic on the result is thread-safe, unlike mpmath's global precision.
+    None when undefined (nan, infinite), not a number, or beyond 2^100000."""
     _check_time()
     subs = {x: _POINTS[(k + j) % len(_POINTS)] + sp.Rational(j, 7) for j, x in enumerate(syms)}
     v = e.evalf(dps, subs=subs) if subs else e.evalf(dps)
-    re_, im_ = v.as_real_imag()
-    if not (re_.is_number and im_.is_number) or not (re_.is_finite and im_.is_finite):
-        return None
-    parts = [mpmath.mpf(x._mpf_) if isinstance(x, sp.Float) else mpmath.mpf(int(x.p)) / int(x.q)
-             if x.is_Rational else None for x in (re_, im_)]
-    return None if None in parts else mpmath.mpc(*parts)
+    parts = []
+    for x in v.as_real_imag():
+        if isinstance(x, sp.Float) and x.is_finite:
+            sign, man, exp, _ = x._mpf_
+            if abs(exp) > 100_000:
+                return None
+            parts.append(Fraction((-1) ** sign * man) * Fraction(2) ** exp)
+        elif x.is_Rational:
+            parts.append(Fraction(int(x.p), int(x.q)))
+        else:
+            return None
+    return tuple(parts)
+
+
+def _size(v):  # |re| + |im|: a norm is all the comparisons below need
+    return abs(v[0]) + abs(v[1])
 
 
 def _close(a, b, sig_a, sig_b, ea, eb, syms=(), k=0):
-    """Two numbers equal: exactly/relatively tight, or a short decimal is a rounding of an exact value."""
+    """Two numbers equal: relatively tight, or a short decimal is a rounding of an exact value."""
     if a == b:
         return True
-    if a == 0 or b == 0:  # an unsimplified zero shrinks when evaluated more precisely, a real value does not
-        e, v = (eb, b) if a == 0 else (ea, a)
+    if _size(a) == 0 or _size(b) == 0:  # an unsimplified zero shrinks when evaluated more precisely
+        e, v = (eb, b) if _size(a) == 0 else (ea, a)
         v2 = _num(e, syms, k, 2 * DPS)
-        return v2 is not None and abs(v2) < abs(v) * mpmath.mpf(10) ** -20
+        return v2 is not None and _size(v2) < _size(v) * Fraction(1, 10 ** 20)
+    diff = (a[0] - b[0], a[1] - b[1])
     if (sig_a is None) == (sig_b is None):
-        return abs(a - b) <= REL_TOL * max(abs(a), abs(b))
+        return _size(diff) <= REL_TOL * max(_size(a), _size(b))
     p, v, sig = (a, b, sig_a) if sig_a is not None else (b, a, sig_b)
-    if sig < 3 or abs(p.imag) or abs(v.imag):  # 0.33 is not 1/3; 0.333 and 3.14 (for pi) are
+    if sig < 3 or p[1] or v[1]:  # 0.33 is not 1/3; 0.333 and 3.14 (for pi) are
         return False
-    ulp = mpmath.mpf(10) ** (mpmath.floor(mpmath.log10(abs(p.real))) - sig + 1)
-    d = abs(p.real - v.real)
-    return d <= ulp / 2 * (1 + 1e-9) or (abs(p.real) <= abs(v.real) and d < ulp)  # rounded or truncated
+    mag = int(math.floor(math.log10(abs(p[0]))))  # p is a short decimal literal, so float is safe here
+    ulp = Fraction(10) ** (mag - sig + 1)
+    d = abs(diff[0])
+    return d <= ulp / 2 or (abs(p[0]) <= abs(v[0]) and d < ulp)  # rounded or truncated
 
 
 def _scalar_eq(a, b):
@@ -718,14 +736,17 @@ def _proportional(f, g, positive):
     ratios = []
     for k in range(len(_POINTS)):
         vf, vg = _num(f, syms, k), _num(g, syms, k)
-        if vf is None or vg is None or abs(vg) < 1e-12:
+        try:
+            vf, vg = complex(*map(float, vf)), complex(*map(float, vg))
+        except (TypeError, OverflowError):  # undefined here, or beyond floats
             continue
-        ratios.append(vf / vg)
+        if abs(vg) > 1e-12:
+            ratios.append(vf / vg)
         if len(ratios) == 3:
             break
     if len(ratios) < 2 or abs(ratios[0]) < 1e-12:
         return False
-    if any(abs(r - ratios[0]) > 1e-12 * abs(ratios[0]) for r in ratios):
+    if any(abs(r - ratios[0]) > 1e-9 * abs(ratios[0]) for r in ratios):
         return False
     return not positive or (abs(ratios[0].imag) < 1e-12 and ratios[0].real > 0)
 

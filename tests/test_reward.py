@@ -123,7 +123,7 @@ RULES = {
         ("\\frac{1}{3}", "0.333", T), ("\\frac{2}{3}", "0.6667", T), ("\\pi", "3.14159", T), ("\\sqrt{2}", "1.414", T),
         ("\\frac{1}{12}", "0.0833333333333333", T), ("1/2^{98}", "1/2^{99}", F), ("1/2004!", "1/2006!", F),
         ("\\frac{1}{3}", "0.3", F), ("\\frac{2}{3}", "0.67", F), ("0.1", "0.1000000001", F), ("10^{-20}", "10^{-21}", F),
-        ("2", "2.0001", F), ("16386.17", "16386.16", F), ("e^{-100}", "0", F)],
+        ("2", "2.0001", F), ("16386.17", "16386.16", F), ("e^{-100}", "0", F), ("640320^3+744", "e^{\\pi\\sqrt{163}}", F)],
     "symbolic expressions": [
         ("\\frac{x+2}{7}", "\\frac{x}{7} + \\frac{2}{7}", T), ("\\tan^2 y + 1", "\\sec^2 y", T),
         ("(a+b)^2", "a^2 + 2ab + b^2", T), ("2\\sin x \\cos x", "\\sin 2x", T), ("\\frac{1}{\\sqrt{n}}", "\\sqrt{\\frac{1}{n}}", T),
@@ -218,16 +218,19 @@ def _worst_time(inputs):
 
 def test_hostile_inputs_bounded_in_this_thread(capsys):
     rows = []
+    reward._values.cache_clear()  # the first call per input pays for parsing: that is the bound we want
     for h in HOSTILE:
-        t = time.perf_counter()
-        verdicts = [is_equiv(h, g) for g in GOLDS] + [is_equiv(g, h) for g in GOLDS]
-        dt = (time.perf_counter() - t) / (2 * len(GOLDS))
+        verdicts, dt = [], 0.0
+        for p, q in [(h, g) for g in GOLDS] + [(g, h) for g in GOLDS]:
+            t = time.perf_counter()
+            verdicts.append(is_equiv(p, q))
+            dt = max(dt, time.perf_counter() - t)
         rows.append((h, dt, verdicts))
         assert dt < 2.0, f"{h[:40]!r} took {dt:.2f}s"
     assert is_equiv("9^{9^{9^{9}}}", "9^{9^{9^{9}}}")  # identical text still matches without evaluating
     assert not is_equiv("100000!", "99999!")
     with capsys.disabled():
-        print("\nhostile input                             mean s/call  verdicts")
+        print("\nhostile input                              max s/call  verdicts (as pred, then as gold)")
         for h, dt, v in rows:
             print(f"{h[:40]!r:42} {dt:10.4f}  {''.join('T' if x else '.' for x in v)}")
 
