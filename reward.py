@@ -147,8 +147,8 @@ _UNITS = ("cm|mm|km|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|feet|fo
           "liters?|litres?|ml|gallons?|mL|ways|people|students|points|times|digits|numbers|integers")
 _SHORT_UNITS = "m|h|s|g|l|in"  # only right after a number: "\pi r^2 h" keeps its h
 _TEXT_CMDS = "text|textbf|textit|textnormal|textrm|mathrm|mathit|mathbf|mathsf|mbox|operatorname|textsf"
-_NOISE = re.compile(r"(?<!\\)\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle|textstyle|limits|!|,|;|:| |quad|qquad)"
-                    r"(?![a-zA-Z])|~")
+_NOISE = re.compile(r"(?<!\\)\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle|textstyle|limits|"
+                    r"!|,|;|:| |quad|qquad)(?![a-zA-Z])|~")
 
 
 def _clean(s):
@@ -816,7 +816,7 @@ def _eq(a, b):
         return len(u[1]) == 1 and _eq(u[1][0], o)
     if {ka, kb} == {"x", "tuple"}:  # a column / row vector vs a tuple
         m, t = (a[1], b) if ka == "x" else (b[1], a)
-        return isinstance(m, sp.MatrixBase) and 1 in m.shape and _eq(("tuple", t[1], tuple(("x", x, None) for x in m)), t)
+        return isinstance(m, sp.MatrixBase) and 1 in m.shape and _eq(("tuple", t[1], tuple(_box(x) for x in m)), t)
     return False
 
 
@@ -881,7 +881,7 @@ def compute_reward(response, gold, choices=None, truncated=False, format_weight=
     if truncated and zero_if_truncated:
         return 0.0
     response = response or ""
-    pred = extract_answer(response.split("</think>")[-1]) or (extract_answer(response) if "</think>" not in response else None)
+    pred = extract_answer(response.split("</think>")[-1])  # after the thinking, if there is any
     correct = float(pred is not None and is_equiv(pred, gold, choices))
     if not correct and judge and pred is not None and not _rule_checkable(gold, choices):
         correct = float(judge_equiv(question, pred, gold, **judge))

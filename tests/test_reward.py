@@ -236,9 +236,12 @@ def test_hostile_inputs_bounded_in_this_thread(capsys):
 
 
 def test_hostile_inputs_bounded_from_threads():
+    reward._values.cache_clear()
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
         worst = max(ex.map(_worst_time, [HOSTILE[::2], HOSTILE[1::2]]))
+        verdicts = list(ex.map(lambda c: is_equiv(c[2], c[1]), CASES))  # same verdicts from threads
     assert worst < 2.0
+    assert verdicts == [c[3] for c in CASES]
 
 
 def test_batch_rewards_in_worker_processes():
