@@ -871,7 +871,7 @@ def default_corpus(n_arith=400, seed=0):
              "Yes No correct compute calculate step Step equals plus minus times divided question "
              "User Assistant system user assistant solve look carefully re-check list one by need to add "
              "redo it not right them skipped star stars apple apples coin coins ball balls cat cats "
-             "Correct").split()
+             "Correct heart hearts").split()
     corpus = [
         "A conversation between User and Assistant. The User asks a question, and the Assistant "
         "solves it. The Assistant first thinks about the reasoning process in the mind and then "

@@ -98,6 +98,7 @@ dtype = "float32"               # compute dtype: "bfloat16" (GPU; fp32 master we
 gradient_checkpointing = True   # recompute each decoder layer / vision block in backward
 learning_rate = 1e-6            # OVR/ORZ policy LR
 warmup_steps = 50               # linear warm-up from 0, then constant
+min_lr_ratio = 1.0              # LR at the last step / learning_rate: 1.0 = constant (OVR); < 1 = cosine decay
 weight_decay = 0.0              # AdamW
 beta1 = 0.9
 beta2 = 0.95
@@ -158,7 +159,11 @@ def length_schedule(step, stages):
 
 
 def lr_at(step):
-    return learning_rate * min(1.0, (step + 1) / max(warmup_steps, 1))
+    """Linear warm-up, then constant (OVR) or a cosine down to min_lr_ratio * learning_rate at num_steps."""
+    if step < warmup_steps or min_lr_ratio >= 1.0:
+        return learning_rate * min(1.0, (step + 1) / max(warmup_steps, 1))
+    progress = min(1.0, (step - warmup_steps) / max(1, num_steps - warmup_steps))
+    return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def load_data(path):

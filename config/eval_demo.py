@@ -1,13 +1,12 @@
-# Evaluate the demo checkpoints on CPU in a minute or two: 50 held-out text and 50 held-out image
+# Evaluate the demo checkpoints on CPU in well under a minute: 200 held-out text and 200 held-out image
 # questions from data/prepare_demo.py, 2 samples each.
-#   python eval.py config/eval_demo.py --model=out/sft_demo     (then --model=out/rl_demo, and
-#   python eval.py table out/eval_sft_demo out/eval_rl_demo)
+#   python eval.py config/eval_demo.py --model=out/demo/sft/hf --out_dir=out/demo/eval_sft   (bash demo.sh runs it)
 engine = "torch"
 device = "cpu"
 dtype = "float32"
 data_dir = "data/demo"
 benchmarks = "eval_text,eval_image"
-limit = 50
+limit = 0                 # all 200 held-out questions of each set
 template = "{question}"   # the demo's SFT traces (data/prepare_demo.py) have the bare question as the user turn
 max_tokens = 160          # the demo traces are under 130 tokens
 n = 2

@@ -1,9 +1,9 @@
 """
 Synthetic data for the CPU demo, generated deterministically from a seed:
 
-  sft.jsonl         text-only cold-start traces (messages format): counting items listed in the text and
-                    one-digit additions, worked step by step in <think> with some verification and
-                    backtracking phrases, ending in \\boxed{}
+  sft.jsonl         cold-start traces (messages format): counting the shapes named in a list and one-digit
+                    additions, worked step by step in <think> with some verification and backtracking
+                    phrases, ending in \\boxed{}; plus a few (n_sft_image) picture-counting traces
   rl.jsonl          image questions for RL (problem format): "How many shapes are in the image?" over
                     PIL-drawn pictures of 1-4 shapes; the answer is only in the image
   eval_text.jsonl   held-out text questions (additions whose digit pair never appears in sft.jsonl,
@@ -24,18 +24,18 @@ import sys
 
 from PIL import Image, ImageDraw
 
-ITEMS = ["star", "apple", "coin", "ball", "cat"]
+SHAPES = ["circle", "square", "triangle", "star", "heart"]
 COLORS = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (230, 160, 20), (150, 50, 180)]
-MAX_COUNT = 4
+MAX_COUNT = 4  # shapes per picture (text lists go up to 6, so the cold start's guess on a picture is wide)
 CELL, ROWS, COLS = 28, 2, 3  # one shape per 28x28 cell = one merged vision token per cell
 HELD_OUT_PAIRS = {(a, b) for a in range(10) for b in range(10) if (a * 7 + b * 3) % 10 == 0}  # 10 of 100
 
 
-def count_trace(n, what, rng):
+def count_trace(n, rng):
     steps = ", ".join(str(i) for i in range(1, n + 1))
-    lines = [f"I need to count the {what}s in the list.", f"Let me count them one by one: {steps}."]
+    lines = ["I need to count the shapes.", f"Let me count them one by one: {steps}."]
     if rng.random() < 0.3 and n > 1:  # a backtracking example: a miscount, noticed and redone
-        lines += [f"So there are {n - 1}. Wait, I skipped one. Let me count again: {steps}."]
+        lines += [f"So there are {n - 1}. Wait, I skipped one. Let me look again and count: {steps}."]
     if rng.random() < 0.5:
         lines += [f"Let me verify: I counted up to {n}, so the count is {n}."]
     lines += [f"So there are {n}."]
@@ -54,10 +54,9 @@ def add_trace(a, b, rng):
 
 
 def count_question(rng):
-    n, what = rng.randint(1, MAX_COUNT), rng.choice(ITEMS)
-    items = [what] * n + rng.sample([w for w in ITEMS if w != what], rng.randint(0, 2))
-    rng.shuffle(items)
-    return n, what, f"How many {what}s are in this list: {', '.join(items)}?"
+    # the same words as the picture question, so the cold start's answer format carries over to images
+    n = rng.randint(1, 6)
+    return n, f"How many shapes are in this list: {', '.join(rng.choice(SHAPES) for _ in range(n))}?"
 
 
 def draw(n, rng, path):
@@ -90,24 +89,32 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
-def main(out="data/demo", seed=0, n_sft=3000, n_rl=2000, n_eval_text=200, n_eval_image=200):
+def main(out="data/demo", seed=0, n_sft=3000, n_sft_image=400, n_rl=2000, n_eval_text=200, n_eval_image=200):
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     train_pairs = [(a, b) for a in range(10) for b in range(10) if (a, b) not in HELD_OUT_PAIRS]
     sft = []
     for _ in range(n_sft):
         if rng.random() < 0.5:
-            n, what, q = count_question(rng)
-            answer = count_trace(n, what, rng)
+            n, q = count_question(rng)
+            answer = count_trace(n, rng)
         else:
             a, b = rng.choice(train_pairs)
             q, answer = f"What is {a} + {b}?", add_trace(a, b, rng)
         sft.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]})
+    # A little image supervision in the cold start (the paper lists more of it as future work): with a
+    # random vision tower, text-only SFT leaves the model blind to images, and RL from chance on a
+    # ~1M-parameter model needs far more steps than a demo has. Pictures distinct from RL's and eval's.
+    for p in image_problems("sft", n_sft_image, rng, out):
+        user = [{"type": "image", "image": p["images"][0]}, {"type": "text", "text": p["question"]}]
+        answer = count_trace(int(p["answer"]), rng)
+        sft.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    rng.shuffle(sft)
     write_jsonl(os.path.join(out, "sft.jsonl"), sft)
     eval_text = []
     for i in range(n_eval_text):
         if i % 2 == 0:
-            n, _, q = count_question(rng)
+            n, q = count_question(rng)
             eval_text.append({"id": f"text-{i}", "question": q, "answer": str(n), "images": [], "subject": "counting"})
         else:
             a, b = sorted(HELD_OUT_PAIRS)[i // 2 % len(HELD_OUT_PAIRS)]
@@ -116,7 +123,7 @@ def main(out="data/demo", seed=0, n_sft=3000, n_rl=2000, n_eval_text=200, n_eval
     write_jsonl(os.path.join(out, "eval_text.jsonl"), eval_text)
     write_jsonl(os.path.join(out, "rl.jsonl"), image_problems("rl", n_rl, rng, out))
     write_jsonl(os.path.join(out, "eval_image.jsonl"), image_problems("eval", n_eval_image, rng, out))
-    print(f"wrote {n_sft} SFT traces, {n_rl} RL image questions, {n_eval_text} + {n_eval_image} held-out "
+    print(f"wrote {n_sft} + {n_sft_image} SFT traces (text + image), {n_rl} RL image questions, {n_eval_text} + {n_eval_image} held-out "
           f"eval questions to {out}")
 
 

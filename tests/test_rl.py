@@ -282,3 +282,16 @@ def test_filter_difficulty_keeps_mixed_pass_rates(hf_tiny_dir, tmp_path):
                     f"--data={data}", f"--out={out}", "--engine=torch", "--device=cpu", "--k=3"], check=True, cwd=ROOT)
     kept = [json.loads(line) for line in open(out)]
     assert [(p["id"], p["pass_rate"]) for p in kept] == [("b", pytest.approx(1 / 3))]
+
+
+def test_lr_schedule_constant_or_cosine(monkeypatch):
+    """Warm-up is linear; min_lr_ratio 1.0 keeps the LR constant (OVR), < 1 decays by a cosine to
+    min_lr_ratio * learning_rate at the last step (hand-computed values)."""
+    monkeypatch.setattr(rl, "learning_rate", 1.0)
+    monkeypatch.setattr(rl, "warmup_steps", 10)
+    monkeypatch.setattr(rl, "num_steps", 110)
+    monkeypatch.setattr(rl, "min_lr_ratio", 1.0)
+    assert rl.lr_at(4) == 0.5 and rl.lr_at(9) == 1.0 and rl.lr_at(100) == 1.0
+    monkeypatch.setattr(rl, "min_lr_ratio", 0.1)
+    assert rl.lr_at(4) == 0.5 and rl.lr_at(10) == 1.0
+    assert abs(rl.lr_at(60) - 0.55) < 1e-12 and abs(rl.lr_at(110) - 0.1) < 1e-12
