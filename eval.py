@@ -289,6 +289,7 @@ def evaluate(engine, problems, template, n, temperature, top_p, max_tokens, out_
         for r in tqdm([r for r in old if r["id"] in question and "judge" not in r], desc="judge"):
             r["judge"] = judge(question[r["id"]], r["response"])
     if out_path:  # rewrite without torn lines and half-done problems, then append
+        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in old)
         os.replace(out_path + ".tmp", out_path)

@@ -269,3 +269,15 @@ def test_tiny_model_end_to_end(tmp_path, request):
     s = ev.evaluate(engine, PROBLEMS[:2], "ovr", n=2, temperature=1.0, top_p=1.0, max_tokens=8,
                     out_path=str(tmp_path / "e.jsonl"), pass_k=(1, 2))
     assert s["samples"] == 4 and 0.0 <= s["accuracy"] <= 1.0 and s["truncated"] > 0
+
+
+def test_evaluate_creates_the_output_folder(tmp_path):
+    """rl.py's periodic eval writes into out_dir/eval/, which does not exist on a fresh run."""
+    class Fixed:
+        def generate(self, prompts, n=1, **kw):
+            return [[SimpleNamespace(text="\\boxed{4}", token_ids=[1], logprobs=[0.0], finish_reason="stop")] * n
+                    for _ in prompts]
+    out = tmp_path / "run" / "eval" / "step000000_rank0.jsonl"
+    s = ev.evaluate(Fixed(), [{"id": "a", "question": "2+2?", "answer": "4", "images": []}], "{question}",
+                    1, 1.0, 1.0, 16, str(out))
+    assert out.exists() and s["accuracy"] == 1.0
