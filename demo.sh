@@ -2,7 +2,7 @@
 # The whole OVR pipeline on a CPU in minutes, on a tiny random Qwen2.5-VL and synthetic data:
 #   1. data        data/prepare_demo.py: text reasoning traces, image counting questions, held-out sets
 #   2. base model  model.py tiny: a ~1M-parameter random Qwen2.5-VL + byte-level BPE tokenizer, offline
-#   3. cold start  sft.py: text-only SFT of the LLM (vision tower frozen), as OVR's linguistic cold start
+#   3. cold start  sft.py: SFT of the LLM (vision tower frozen) on text traces plus a few pictures (README)
 #   4. RL          rl.py: GRPO on image questions with a binary \boxed{} reward
 #   5. eval        eval.py on held-out text and image questions after each stage, and the RL curves
 # The last line is machine-readable:  demo: text_acc base=A sft=B | image_acc sft=C rl=D
@@ -33,7 +33,7 @@ python model.py tiny "$OUT/base" --seed="$SEED" --hidden_size=128 --intermediate
 step "3/6 eval of the untrained model"
 python eval.py config/eval_demo.py --model="$OUT/base" --out_dir="$OUT/eval_base" --data_dir="$DATA" $EVAL_ARGS
 
-step "4/6 cold start: text-only SFT -> $OUT/sft"
+step "4/6 cold start: SFT on text traces (+ a few pictures) -> $OUT/sft"
 python sft.py config/sft_demo.py --init_from="$OUT/base" --out_dir="$OUT/sft" --data_path="$DATA/sft.jsonl" \
     --seed="$SEED" $SFT_ARGS
 python eval.py config/eval_demo.py --model="$OUT/sft/hf" --out_dir="$OUT/eval_sft" --data_dir="$DATA" $EVAL_ARGS

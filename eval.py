@@ -38,7 +38,7 @@ import reward
 # -----------------------------------------------------------------------------
 # checkpoint and engine
 model = "out/rl"            # checkpoint directory (HF layout, as sft.py / rl.py save it)
-out_dir = ""                # results folder; "" means out/eval_<name of the model folder>
+out_dir = ""                # results folder; "" means out/eval_<run name> (out/rl_ovr7b/hf -> out/eval_rl_ovr7b)
 engine = "vllm"             # "vllm" (GPU) | "torch" (any device, slow)
 device = "cuda"             # torch engine only
 dtype = "bfloat16"          # "bfloat16" | "float32"
@@ -431,7 +431,9 @@ if __name__ == "__main__":
     from model import QwenVL, QwenVLConfig, configure, load_tokenizer
     from rollout import make_engine
     config = configure(globals(), sys.argv[1:])  # the resolved settings, saved next to the scores
-    out_dir = out_dir or os.path.join("out", "eval_" + os.path.basename(os.path.normpath(model)))
+    name = os.path.normpath(model)
+    name = os.path.basename(os.path.dirname(name) if os.path.basename(name) == "hf" else name)  # .../run/hf -> run
+    out_dir = out_dir or os.path.join("out", "eval_" + name)
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=2))
     # a resume with other decoding settings would mix two experiments in one file

@@ -1,8 +1,8 @@
 # GRPO on one 80 GB GPU: Qwen2.5-VL-3B (after its cold start), vLLM colocated with the trainer (it sleeps
 # while the trainer runs), DAPO's dynamic sampling, clip-higher and overlong masking, shorter responses.
 #   python rl.py config/rl_3b_1gpu.py          (resume: add --resume=True)
-init_from = "out/sft_3b_1gpu/hf"
-out_dir = "out/rl_3b_1gpu"
+init_from = "out/sft_3b/hf"
+out_dir = "out/rl_3b"
 data_path = "data/rl/train.jsonl"
 eval_path = "data/eval/mathvision_mini.jsonl"
 template = "ovr"
