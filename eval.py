@@ -83,7 +83,7 @@ REFERENCE = {
 
 
 def load_problems(path):
-    """Read a benchmark in the shared problem format (contracts.md); image paths become absolute."""
+    """Read a benchmark in the problem format (README, "Data formats"); image paths become absolute."""
     root, problems, seen = os.path.dirname(os.path.abspath(path)), [], set()
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -96,7 +96,7 @@ def load_problems(path):
                 missing = [str(e)]
             if missing or str(p["id"]) in seen:
                 why = f"missing {missing}" if missing else f"duplicate id {p['id']!r}"
-                raise ValueError(f"{path}:{i}: bad problem ({why}); expected the problem format of contracts.md")
+                raise ValueError(f"{path}:{i}: bad problem ({why}); expected the problem format in README's \"Data formats\"")
             p["id"], p["answer"] = str(p["id"]), str(p["answer"])
             seen.add(p["id"])
             p["images"] = [os.path.join(root, im) for im in p.get("images", [])]

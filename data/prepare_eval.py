@@ -1,5 +1,5 @@
 """
-Convert the public benchmark releases into the one problem format eval.py reads (contracts.md):
+Convert the public benchmark releases into the one problem format eval.py reads (README, "Data formats"):
   {"id", "question", "answer", "images": [paths relative to the output file], "choices", "subject", "level", "source"}
 
 Download first (nothing here ships with the repo; the answer keys in ../shared/data are copies of these files):

@@ -1,6 +1,6 @@
 """
 Convert a public multimodal RL dataset, in the layout it is published in, to the problem format of
-contracts.md (one JSON object per line; image paths relative to the output file's folder).
+README's "Data formats" (one JSON object per line; image paths relative to the output file's folder).
 
   geometry3k   Inter-GPS's Geometry3K (lupantech/InterGPS; train.zip / val.zip / test.zip): one folder per
                problem with data.json {problem_text, choices [4], answer "A".."D"} and img_diagram.png
