@@ -38,7 +38,6 @@ ckpt/step_N/ (model, optimizer, data position, RNG), eval/, and the final model 
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -49,7 +48,8 @@ from tqdm import tqdm
 
 import eval as ev
 import reward
-from model import QwenVL, configure, load_tokenizer, render_chat
+from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_tokenizer,
+                   render_chat, save_checkpoint, trim_jsonl)
 from rollout import make_engine
 
 # -----------------------------------------------------------------------------
@@ -265,81 +265,6 @@ def collate(mb, dev):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints, as in sft.py: DCP-sharded model + optimizer in ckpt/step_N.tmp, renamed when complete;
-# ckpt/latest names the newest complete one, so a kill mid-save leaves the previous one as the latest.
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def export_hf(model, tokenizer, path, out_dtype, rank):
-    """Full weights gathered to rank 0's CPU, written in the official layout (eval.py, vLLM and
-    transformers load it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        model.save_pretrained(path, tokenizer, state_dict={k: v.to(out_dtype) for k, v in sd.items()})
-    barrier()
-
-
-def save_checkpoint(ckpt_dir, model, optimizer, tokenizer, meta, rank, out_dtype):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    final = os.path.join(ckpt_dir, f"step_{meta['step']:06d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    # each rank walks its own stride of the data: its position is its own
-    torch.save({"rng": torch.get_rng_state(), "data_state": meta.pop("data_state")}, os.path.join(tmp, f"rank{rank}.pt"))
-    if export_every_save:
-        export_hf(model, tokenizer, os.path.join(tmp, "hf"), out_dtype, rank)
-    barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
-        done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    barrier()
-
-
-def load_checkpoint(path, model, optimizer, rank, world):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    assert meta["world_size"] == world, \
-        f"{path} was written by {meta['world_size']} ranks; each rank's data position is its own, resume with as many"
-    extra = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
-    torch.set_rng_state(extra["rng"])
-    return meta["step"], extra["data_state"]
-
-
-def trim_jsonl(path, step):
-    """Drop the lines of steps >= step: what a killed run logged after the checkpoint we resume from."""
-    if os.path.exists(path):
-        rows = [r for r in ev.read_jsonl(path) if r["step"] < step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-# -----------------------------------------------------------------------------
 
 
 def main():
@@ -411,17 +336,18 @@ def main():
         os.makedirs(ckpt_dir, exist_ok=True)
     barrier()
     start, data_state = 0, {"epoch": 0, "cursor": 0}
-    latest = os.path.join(ckpt_dir, open(os.path.join(ckpt_dir, "latest")).read().strip()) \
-        if os.path.exists(os.path.join(ckpt_dir, "latest")) else None
+    latest = latest_checkpoint(ckpt_dir)
     if latest and not resume:
         raise SystemExit(f"{out_dir} already has a checkpoint ({latest}): pass --resume=True or use another out_dir")
     if latest:
-        start, data_state = load_checkpoint(latest, model, optimizer, rank, world)
+        meta, data_state = load_checkpoint(latest, model, optimizer)  # and this rank's RNG
+        assert data_state, f"{latest} was written by {meta['world_size']} ranks: resume with as many (data is per rank)"
+        start = meta["step"]
         eng.sync_weights(model)  # the engine was built from init_from
         log(f"resumed from {latest} at step {start}")
     if master:
-        for path in (metrics_path, rollouts_path):
-            trim_jsonl(path, start) if latest else open(path, "w").close()
+        for path in (metrics_path, rollouts_path):  # lines of the steps before the checkpoint's stay
+            trim_jsonl(path, start)
     if master and wandb_project:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
@@ -446,8 +372,9 @@ def main():
     for step in range(start, num_steps + 1):
         m = {"step": step}
         if step > start and (step == num_steps or (save_every and step % save_every == 0)):
-            save_checkpoint(ckpt_dir, model, optimizer, tokenizer, dict(step=step, world_size=world, config=config,
-                            data_state=dict(data_state)), rank, ptdtype)
+            # each rank walks its own stride of the data: its position is its own
+            save_checkpoint(ckpt_dir, model, optimizer, dict(step=step, config=config), extra=dict(data_state),
+                            keep_last=keep_last, hf=(tokenizer, ptdtype) if export_every_save else None)
         cap = length_schedule(step, length_stages)
         if eval_problems and eval_every and (step % eval_every == 0 or step == num_steps):
             s = ev.evaluate(eng, eval_problems[rank::world], template, eval_n, temperature, top_p, cap,
@@ -584,7 +511,7 @@ def main():
     if master and "eval/accuracy" in m:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
-    export_hf(model, tokenizer, os.path.join(out_dir, "hf"), ptdtype, rank)
+    export_hf(model, tokenizer, os.path.join(out_dir, "hf"), ptdtype)
     log(f"done: {num_steps - start} steps this run; model in {os.path.join(out_dir, 'hf')}, metrics in {metrics_path}")
     if ddp:
         dist.destroy_process_group()

@@ -33,7 +33,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from model import QwenVL, configure, load_tokenizer, render_chat
+from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_tokenizer,
+                   render_chat, save_checkpoint, trim_jsonl)
 
 # -----------------------------------------------------------------------------
 # config (plain globals; a config file from config/ and --key=value override them)
@@ -285,89 +286,6 @@ def lr_at(step, total):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: DCP-sharded model + optimizer in ckpt/step_N.tmp, renamed when complete; ckpt/latest
-# names the newest complete one, so a crash mid-save leaves the previous one as the latest.
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def export_hf(model, tokenizer, path, out_dtype, rank):
-    """Full (unsharded) weights gathered to rank 0's CPU, written in the official layout via a tmp dir."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        tmp, old = path + ".tmp", path + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, tokenizer, state_dict={k: v.to(out_dtype) for k, v in sd.items()})
-        if os.path.exists(path):
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def save_checkpoint(ckpt_dir, step, model, optimizer, tokenizer, meta, rank, out_dtype):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    final = os.path.join(ckpt_dir, f"step_{step:06d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if export_every_save:
-        export_hf(model, tokenizer, os.path.join(tmp, "hf"), out_dtype, rank)
-    barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: a step_N dir without .tmp is complete
-        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
-        done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    barrier()
-    return final
-
-
-def latest_checkpoint(ckpt_dir):
-    p = os.path.join(ckpt_dir, "latest")
-    return os.path.join(ckpt_dir, open(p).read().strip()) if os.path.exists(p) else None
-
-
-def load_checkpoint(path, model, optimizer, rank, world):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)  # reshards to the current world size
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
-    if meta["world_size"] == world and os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return meta
-
-
-# -----------------------------------------------------------------------------
 
 
 def main():
@@ -462,24 +380,23 @@ def main():
     if latest and not resume:
         raise SystemExit(f"{out_dir} already has a checkpoint ({latest}): pass --resume=True or use another out_dir")
     if latest:
-        meta = load_checkpoint(latest, model, optimizer, rank, world)
+        meta, _ = load_checkpoint(latest, model, optimizer)  # and each rank's RNG, with as many ranks as before
         step, epoch, row = meta["step"], meta["epoch"], meta["row"]
         log(f"resumed from {latest}: step {step}, epoch {epoch}, row {row}")
     elif resume:
         log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from {init_from}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if master:  # keep only the lines up to the checkpoint we resume from
-        old = open(metrics_path).read().splitlines() if latest and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(line + "\n" for line in old if json.loads(line)["step"] <= step)
+    if master:  # keep only the lines up to the checkpoint we resume from (a line's step counts steps done)
+        trim_jsonl(metrics_path, step + 1)
     if master and wandb_project:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
 
     # ---- train
     def save():
-        meta = dict(step=step, epoch=epoch, row=row, world_size=world, config=config)
-        return save_checkpoint(ckpt_dir, step, model, optimizer, tokenizer, meta, rank, ptdtype)
+        meta = dict(step=step, epoch=epoch, row=row, config=config)
+        return save_checkpoint(ckpt_dir, model, optimizer, meta, keep_last=keep_last,
+                               hf=(tokenizer, ptdtype) if export_every_save else None)
 
     start, saved_at, rows_epoch = step, step if latest else -1, None
     pbar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
@@ -543,7 +460,7 @@ def main():
     # ---- teardown: last checkpoint, final export
     if step != saved_at:
         save()
-    export_hf(model, tokenizer, os.path.join(out_dir, "hf"), ptdtype, rank)
+    export_hf(model, tokenizer, os.path.join(out_dir, "hf"), ptdtype)
     log(f"done: {step - start} steps this run, {step} in all; model in {os.path.join(out_dir, 'hf')}")
     if ddp:
         dist.barrier()
