@@ -14,6 +14,7 @@ so `state_dict()` is the checkpoint. Facts and shapes: shared/notes/qwen25vl.md.
 
 import ast
 import difflib
+import functools
 import json
 import math
 import os
@@ -338,15 +339,25 @@ def get_rope_index(input_ids, image_grid_thw, attention_mask, config):
     return pos, deltas
 
 
+@functools.lru_cache(maxsize=16)
+def rope_inv_freq(head_dim, theta, device):
+    """1 / theta^(2j / hd) for j < hd/2, fp32. Cached: the scalar ** tensor power costs as much as the rest
+    of a decode step's RoPE. Made outside inference_mode, so a rollout may create it and training reuse it."""
+    with torch.inference_mode(False):
+        return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim)
+
+
 def mrope_cos_sin(position_ids, config, dtype):
     """cos/sin (B, T, hd) of M-RoPE: frequency j takes its position from axis 0 (t), 1 (h) or 2 (w)
-    according to mrope_section; computed in fp32, then cast to the activation dtype (as the reference)."""
-    hd = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device, dtype=torch.float) / hd)
-    freqs = position_ids[..., None].float() * inv_freq  # (3, B, T, hd/2)
-    axis = torch.repeat_interleave(torch.arange(3, device=freqs.device) % 3,
-                                   torch.tensor(config.mrope_section, device=freqs.device))  # (hd/2,)
-    freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # (B, T, hd/2)
+    according to mrope_section; computed in fp32, then cast to the activation dtype (as the reference).
+    position_ids (3, B, T), or (B, T) when the three axes are equal (decoding text): then M-RoPE is plain
+    1-D RoPE and the per-frequency axis gather is skipped (it would pick the same numbers)."""
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (3, B, T, hd/2) or (B, T, hd/2)
+    if position_ids.dim() == 3:
+        axis = torch.repeat_interleave(torch.arange(3, device=freqs.device) % 3,
+                                       torch.tensor(config.mrope_section, device=freqs.device))  # (hd/2,)
+        freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], -1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -541,10 +552,14 @@ class QwenVL(nn.Module):
                 kv_cache.key_mask[:, L:L + T] = True
             if position_ids is None and L == 0:  # prefill: 3-D ids from the prompt, remember the deltas
                 position_ids, kv_cache.rope_deltas = get_rope_index(input_ids, image_grid_thw, kv_cache.key_mask[:, :T], c)
-            elif position_ids is None:  # decode: the real-token index + delta, same on all three axes
+            elif position_ids is None:  # decode: the real-token index + delta, same on all three axes (so 2-D)
                 p = kv_cache.key_mask[:, :L].sum(-1, keepdim=True) + kv_cache.rope_deltas  # (B, 1)
-                position_ids = (p + torch.arange(T, device=p.device)).expand(3, B, T)
-            mask = attention_mask_4d(kv_cache.key_mask[:, :L + T], T)
+                position_ids = p + torch.arange(T, device=p.device)  # (B, T)
+            if T == 1 and attention_mask is None:
+                # one new real token sees every real slot so far, itself included: no causal part to build
+                mask = kv_cache.key_mask[:, None, None, :L + 1]  # (B, 1, 1, L+1), a view
+            else:
+                mask = attention_mask_4d(kv_cache.key_mask[:, :L + T], T)
         elif segment_ids is not None:
             cu = segments_to_cu(segment_ids)
             if position_ids is None:
@@ -672,6 +687,114 @@ def official_name(name):
     if name.startswith("model.visual."):
         return name[len("model."):]
     return name
+
+
+# -----------------------------------------------------------------------------
+# training checkpoints (sft.py and rl.py): resumable DCP state + HF export, written atomically
+# ckpt/step_N.tmp/ gets the DCP-sharded model + optimizer, one rank{r}.pt per rank (its RNG states and
+# the stage's `extra`), meta.json and optionally hf/; it is renamed to step_N/ when complete, and
+# ckpt/latest names the newest complete one, so a kill mid-save leaves the previous one as the latest.
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank_world():
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def export_hf(model, tokenizer, path, out_dtype):
+    """Full (unsharded) weights gathered to rank 0's CPU tensor by tensor, written in the official layout
+    (QwenVL.from_pretrained, transformers and vLLM load it) via a tmp dir, so `path` is never half-written."""
+    import shutil
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank_world()[0] == 0:
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, tokenizer, state_dict={k: v.to(out_dtype) for k, v in sd.items()})
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def save_checkpoint(ckpt_dir, model, optimizer, meta, extra=None, keep_last=2, hf=None):
+    """Write ckpt_dir/step_{meta['step']}; every rank calls it. meta (JSON, rank 0's) is what a resume
+    needs besides the weights; extra is this rank's own state (any picklable object); hf=(tokenizer,
+    dtype) also exports the model into the checkpoint's hf/. Returns the checkpoint's path."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    rank, world = _rank_world()
+    final = os.path.join(ckpt_dir, f"step_{meta['step']:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save({"rng": rng, "extra": extra}, os.path.join(tmp, f"rank{rank}.pt"))
+    if hf:
+        export_hf(model, hf[0], os.path.join(tmp, "hf"), hf[1])
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(dict(meta, world_size=world), f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)  # atomic: a step_N dir without .tmp is complete
+        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+        done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        for d in done[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    barrier()
+    return final
+
+
+def latest_checkpoint(ckpt_dir):
+    p = os.path.join(ckpt_dir, "latest")
+    return os.path.join(ckpt_dir, open(p).read().strip()) if os.path.exists(p) else None
+
+
+def load_checkpoint(path, model, optimizer):
+    """Load model + optimizer (DCP reshards to the current world size) -> (meta, extra). With as many
+    ranks as wrote it, each rank also gets its RNG states and its extra back; otherwise extra is None."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    rank, world = _rank_world()
+    if meta["world_size"] != world:
+        return meta, None
+    saved = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
+    torch.set_rng_state(saved["rng"]["torch"])
+    random.setstate(saved["rng"]["python"])
+    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return meta, saved["extra"]
+
+
+def trim_jsonl(path, step):
+    """Keep only the lines of a JSONL log whose "step" is below `step`: on resume, drop what the killed
+    run logged after the checkpoint (a fresh run passes a step below its first, which empties the file)."""
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.writelines(line + "\n" for line in lines if json.loads(line)["step"] < step)
 
 
 # -----------------------------------------------------------------------------
