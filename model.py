@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -709,7 +710,6 @@ def _rank_world():
 def export_hf(model, tokenizer, path, out_dtype):
     """Full (unsharded) weights gathered to rank 0's CPU tensor by tensor, written in the official layout
     (QwenVL.from_pretrained, transformers and vLLM load it) via a tmp dir, so `path` is never half-written."""
-    import shutil
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank_world()[0] == 0:
@@ -727,7 +727,6 @@ def save_checkpoint(ckpt_dir, model, optimizer, meta, extra=None, keep_last=2, h
     """Write ckpt_dir/step_{meta['step']}; every rank calls it. meta (JSON, rank 0's) is what a resume
     needs besides the weights; extra is this rank's own state (any picklable object); hf=(tokenizer,
     dtype) also exports the model into the checkpoint's hf/. Returns the checkpoint's path."""
-    import shutil
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     rank, world = _rank_world()

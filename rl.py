@@ -23,9 +23,10 @@ The variant, exactly (OVR/ORZ used PPO with a critic; this is the critic-free GR
    min(p_trainer / p_engine, tis_cap) of the sampled token, for the mismatch between engine and trainer.
 9. Responses that hit the length cap get reward 0 and are masked out of the loss (overlong="mask",
    DAPO) or trained on with reward 0 (overlong="zero", ORZ). The cap grows in stages (OVR 24k/32k/48k).
-10. AdamW, constant LR after a linear warm-up, grad-norm clip; weights go into the engine every step.
+10. AdamW, constant LR after a linear warm-up (or a cosine decay, min_lr_ratio < 1), grad-norm clip;
+    weights go into the engine every step.
 
-Run (data in the problem format of contracts.md, JSONL or parquet):
+Run (data: problems as in README's "Data formats", JSONL or parquet):
   python rl.py config/rl_demo.py                                  # CPU, tiny model, a few minutes
   python rl.py config/rl_3b_1gpu.py                               # 1 GPU, colocated vLLM
   torchrun --standalone --nproc_per_node=8 rl.py config/rl_ovr7b.py   # the OVR recipe
@@ -62,7 +63,7 @@ save_every = 50                 # steps between resumable checkpoints (0: only a
 keep_last = 2                   # resumable checkpoints kept on disk
 export_every_save = True        # also write an HF export into every checkpoint (for OVR's checkpoint averaging)
 # data
-data_path = "data/rl/train.jsonl"  # problems (contracts.md format), JSONL or parquet
+data_path = "data/rl/train.jsonl"  # problems (README, "Data formats"), JSONL or parquet
 eval_path = ""                  # held-out problems (JSONL) for the periodic eval; "" = none
 template = "ovr"                # eval.py TEMPLATES name, or a prompt with {question} (and {choices})
 min_pixels = 0                  # image resize bounds in pixels, the same in engine and trainer (0: from
@@ -167,7 +168,7 @@ def lr_at(step):
 
 
 def load_data(path):
-    """Problems (contracts.md format) from JSONL or parquet. Image paths are relative to the file's folder;
+    """Problems (README, "Data formats") from JSONL or parquet. Image paths are relative to the file's folder;
     parquet may also hold images as {"bytes": ...} (the HF datasets layout)."""
     root = os.path.dirname(os.path.abspath(path))
     if path.endswith(".parquet"):
@@ -187,7 +188,7 @@ def load_data(path):
                         raise SystemExit(f"{path}:{i}: not JSON ({e})")
     for i, p in enumerate(rows):
         if not p.get("question") or p.get("answer") is None:
-            raise SystemExit(f"{path}: problem {i} needs 'question' and 'answer' (contracts.md), has {sorted(p)}")
+            raise SystemExit(f"{path}: problem {i} needs 'question' and 'answer' (README, Data formats), has {sorted(p)}")
         p["id"], p["answer"] = str(p.get("id", i)), str(p["answer"])
         images = []
         for im in p.get("images") or []:
