@@ -131,8 +131,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32, cast back, then scale in the model dtype (what the checkpoints were trained with)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # h * rsqrt(mean(h^2) + eps), as one op
         return self.weight * h.to(x.dtype)
 
 
@@ -349,7 +348,7 @@ def rope_inv_freq(head_dim, theta, device):
 
 
 def mrope_cos_sin(position_ids, config, dtype):
-    """cos/sin (B, T, hd) of M-RoPE: frequency j takes its position from axis 0 (t), 1 (h) or 2 (w)
+    """cos/sin (B, 1, T, hd) of M-RoPE: frequency j takes its position from axis 0 (t), 1 (h) or 2 (w)
     according to mrope_section; computed in fp32, then cast to the activation dtype (as the reference).
     position_ids (3, B, T), or (B, T) when the three axes are equal (decoding text): then M-RoPE is plain
     1-D RoPE and the per-frequency axis gather is skipped (it would pick the same numbers)."""
@@ -359,7 +358,7 @@ def mrope_cos_sin(position_ids, config, dtype):
         axis = torch.repeat_interleave(torch.arange(3, device=freqs.device) % 3,
                                        torch.tensor(config.mrope_section, device=freqs.device))  # (hd/2,)
         freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], -1)
+    emb = torch.cat([freqs, freqs], -1)[:, None]  # (B, 1, T, hd): broadcasts over the heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -368,25 +367,39 @@ class KVCache:
     place new tokens: which cached slots are real (left padding) and each row's rope delta."""
 
     def __init__(self, num_layers, batch_size, num_kv_heads, max_len, head_dim, device, dtype):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one tensor per layer (a python list, not one 5-D tensor): indexing a list costs no tensor op, and a
+        # decode step of a small model is mostly per-op overhead
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.rope_deltas = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.length = 0  # slots filled so far (same for every row; left padding keeps rows aligned)
 
     def update(self, layer, k, v):  # k, v (B, Hkv, T, hd) -> all keys/values so far (B, Hkv, L+T, hd)
         L, T = self.length, k.shape[2]
-        assert L + T <= self.k.shape[3], f"KV cache full: {L}+{T} > {self.k.shape[3]} slots"
-        self.k[layer, :, :, L:L + T] = k
-        self.v[layer, :, :, L:L + T] = v
-        return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
+        ck, cv = self.k[layer], self.v[layer]
+        assert L + T <= ck.shape[2], f"KV cache full: {L}+{T} > {ck.shape[2]} slots"
+        ck[:, :, L:L + T] = k
+        cv[:, :, L:L + T] = v
+        return ck[:, :, :L + T], cv[:, :, :L + T]
 
     def select(self, index):
         """Keep/reorder/replicate rows, e.g. index = arange(B).repeat_interleave(n) shares one prefill
         among n samples, or the rows still generating."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.k, self.v = [k[index] for k in self.k], [v[index] for v in self.v]
         self.key_mask, self.rope_deltas = self.key_mask[index], self.rope_deltas[index]
+
+    def put(self, rows, other):
+        """Copy `other`, a cache prefilled for rows `rows` (long tensor) of this one, into them right-aligned
+        at slot self.length; the slots before stay pads. This lets prompts of very different lengths be
+        prefilled in groups with little padding and then decoded as one batch."""
+        L, S = self.length, other.length
+        for k, v, ok, ov in zip(self.k, self.v, other.k, other.v):
+            k[rows, :, L - S:L] = ok[:, :, :S]
+            v[rows, :, L - S:L] = ov[:, :, :S]
+        self.key_mask[rows, L - S:L] = other.key_mask[:, :S]
+        self.rope_deltas[rows] = other.rope_deltas
 
 
 class Attention(nn.Module):
@@ -403,7 +416,6 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cu_seqlens is not None:  # packed rows: causal attention inside each sample only
             flat = lambda t: t.transpose(1, 2).reshape(B * T, -1, self.hd)  # noqa: E731

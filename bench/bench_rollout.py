@@ -7,8 +7,10 @@ same chat prompts, side by side in one run (ratio > 1: the engine is faster).
 
 Per shape: `batch` text prompts (chat-rendered, 25-70 tokens), one sample each at temperature 1, exactly
 `new_tokens` new tokens per row on both sides (EOS disabled in the engine, min_new_tokens in generate).
-tokens/s = batch * new_tokens / wall time, best of `iters` runs after a warm-up. The tokenizer is the tiny
-byte-level one; the 3b/7b shapes use the real vocabulary size (152064), so the lm_head costs what it does.
+tokens/s = batch * new_tokens / wall time, the best of at least `iters` interleaved runs (and of as many more
+as fit in `min_time` seconds) after a warm-up; the header prints the load average, as the numbers depend on it.
+The tokenizer is the tiny byte-level one; the 3b/7b shapes use the real vocabulary size (152064), so the
+lm_head costs what it does.
 A greedy run checks that both sides really decode the same model (rows with identical tokens).
 """
 import os
@@ -72,11 +74,13 @@ def hf_generate(hf, tok, msgs, new_tokens, greedy, device):
     return out[:, T:].tolist()
 
 
-def best_of(fns, iters, device):
+def best_of(fns, iters, min_time, device):
     """Best wall time of each function, the runs interleaved (a, b, a, b, ...) so that load from other
-    processes on a shared machine hits both sides alike."""
+    processes on a shared machine hits both sides alike; at least `iters` rounds, and more until `min_time`
+    seconds have passed (the tiny shape takes a fraction of a second a round: best of 3 was mostly noise)."""
     ts = [[] for _ in fns]
-    for _ in range(iters):
+    t_start = time.perf_counter()
+    while len(ts[0]) < iters or time.perf_counter() - t_start < min_time:
         for fn, t in zip(fns, ts):
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -88,12 +92,14 @@ def best_of(fns, iters, device):
     return [min(t) for t in ts]
 
 
-def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=16, new_tokens=128, iters=3, threads=0):
+def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=16, new_tokens=128, iters=3, min_time=10.0,
+         threads=0):
     dt = getattr(torch, dtype)
     if threads:  # on a shared CPU box, 1 thread avoids the intra-op thread contention that swamps tiny matmuls
         torch.set_num_threads(threads)
     print(f"device {device}, {dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {batch} x {new_tokens} new tokens, best of {iters}")
+          f"batch {batch} x {new_tokens} new tokens, best of >= {iters} rounds and >= {min_time:g} s, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     for shape in shapes.split(","):
         hf, ours, tok = build(shape, device, dt)
         n_params = sum(p.numel() for p in ours.parameters())
@@ -105,7 +111,7 @@ def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=16, new_tokens
         same = sum(a == b for a, b in zip(greedy_ours, greedy_hf))
         hf_generate(hf, tok, msgs[:2], 4, False, device)  # warm-up
         t_eng, t_hf = best_of([lambda: eng.generate(msgs, temperature=1.0, max_tokens=new_tokens),
-                               lambda: hf_generate(hf, tok, msgs, new_tokens, False, device)], iters, device)
+                               lambda: hf_generate(hf, tok, msgs, new_tokens, False, device)], iters, min_time, device)
         tok_total = batch * new_tokens
         print(f"{shape:>5} ({n_params / 1e6:.1f}M params): TorchEngine {tok_total / t_eng:8.0f} tok/s | "
               f"transformers generate {tok_total / t_hf:8.0f} tok/s | ratio {t_hf / t_eng:5.2f}x | "
@@ -117,5 +123,6 @@ def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=16, new_tokens
 
 if __name__ == "__main__":
     kw = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-    kw = {k: (int(v) if k in ("batch", "new_tokens", "iters", "threads") else v) for k, v in kw.items()}
+    kw = {k: (int(v) if k in ("batch", "new_tokens", "iters", "threads") else float(v) if k == "min_time" else v)
+          for k, v in kw.items()}
     main(**kw)
