@@ -15,6 +15,7 @@ No torch import: this file can be copied alone into another project (needs sympy
     python -m pytest tests/test_reward.py # the rule table, hostile inputs, the judge
     python bench/bench_reward.py          # speed and agreement vs math-verify (see its docstring)
 """
+import atexit
 import json
 import logging
 import math
@@ -939,6 +940,14 @@ def judge_equiv(question, pred, gold, url, model, timeout=10.0, api_key=None):
 _POOL = None
 
 
+@atexit.register
+def _close_pool():  # before interpreter teardown, or the pool's finalizer fails noisily at exit
+    global _POOL
+    if _POOL is not None:
+        _POOL.terminate()
+        _POOL = None
+
+
 def batch_rewards(responses, golds, choices=None, truncated=None, workers=2, timeout=2.0, **kw):
     """compute_reward over a batch in worker processes. Calls are queued `workers` at a time, each
     one bounded by `timeout` seconds: results not back by then count 0 and the pool is replaced."""
@@ -951,20 +960,19 @@ def batch_rewards(responses, golds, choices=None, truncated=None, workers=2, tim
     jobs = [_POOL.apply_async(compute_reward, (r, g), dict(choices=c, truncated=t, **kw))
             for r, g, c, t in zip(responses, golds, choices, truncated)]
     deadline = time.monotonic() + timeout * (1 + math.ceil(n / workers))
-    out, stuck = [], False
+    out, stuck = [], 0
     for i, j in enumerate(jobs):
         try:
             out.append(float(j.get(max(0.0, deadline - time.monotonic()))))
         except mp.TimeoutError:
             out.append(0.0)
-            stuck = True
+            stuck += 1
         except Exception as e:
             log.warning("reward worker failed on sample %d: %r -> reward 0", i, e)
             out.append(0.0)
     if stuck:
-        log.warning("reward pool: %d of %d calls over time -> reward 0, pool restarted", out.count(0.0), n)
-        _POOL.terminate()
-        _POOL = None
+        log.warning("reward pool: %d of %d calls over time -> reward 0, pool restarted", stuck, n)
+        _close_pool()
     return out
 
 
