@@ -322,7 +322,6 @@ def main():
                     unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
             m.set_reduce_scatter_unused_params(True)  # an unused vision tower still joins the reduce-scatter
     eng = make_engine(engine, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
-    vision_ids = {model.config.image_token_id, model.config.video_token_id}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     problems = load_data(data_path)
@@ -414,8 +413,7 @@ def main():
             adv = group_advantages(torch.tensor([g["rewards"]]), scale_by_std)[0].tolist()
             prompt = render_chat(ev.build_messages(g["problem"], template), tokenizer, add_generation_prompt=True, **pixels)
             samples += [build_sample(prompt, c, a) for c, a in zip(g["completions"], adv)
-                        if c.token_ids and not (overlong == "mask" and c.finish_reason == "length")
-                        and not vision_ids & set(c.token_ids)]  # a sampled <|image_pad|> would claim image features
+                        if c.token_ids and not (overlong == "mask" and c.finish_reason == "length")]
         perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(hash((seed, step, rank)) % 2**31))
         samples = [samples[i] for i in perm.tolist()]
         plan = [pack(samples[i::minibatches], micro_batch_tokens) for i in range(minibatches)]

@@ -149,6 +149,30 @@ def test_sample_tokens_top_p_by_hand():
     torch.testing.assert_close(lp, (logits * 2).log_softmax(-1)[:, 0])  # greedy: logprob at temperature 1
 
 
+def test_sample_tokens_never_picks_a_banned_id_by_hand():
+    # p = [0.5, 0.3, 0.15, 0.05] with token 0 banned: inverse CDF over [0, 0.3, 0.45, 0.5] (unnormalised)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()[None].expand(4, 4)
+    u = torch.tensor([0.0, 0.59, 0.61, 0.99])
+    tok, lp = sample_tokens(logits, 1.0, 1.0, u, banned=torch.tensor([0]))
+    assert tok.tolist() == [1, 1, 2, 3]
+    torch.testing.assert_close(lp, torch.tensor([0.3, 0.3, 0.15, 0.05]).log())  # unbanned log-probs
+    tok, _ = sample_tokens(logits, 0.0, 1.0, u, banned=torch.tensor([0]))
+    assert tok.tolist() == [1] * 4  # greedy takes the best allowed token
+
+
+def test_engine_never_emits_image_placeholders(tiny):
+    """A model that puts almost all its mass on <|image_pad|> still never samples it (a sampled pad would
+    claim image features in training); vLLM's engine does the same with logit_bias."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    c = model.config
+    with torch.no_grad():
+        model.lm_head.weight[c.image_token_id] = model.model.norm.weight * 50  # aligned with every hidden state
+    eng = TorchEngine(model, tok)
+    out = eng.generate([[{"role": "user", "content": "hi"}]], n=4, temperature=1.0, max_tokens=8, seed=0)
+    ids = {i for comp in out[0] for i in comp.token_ids}
+    assert ids and c.image_token_id not in ids and c.video_token_id not in ids
+
+
 def test_output_follows_weight_updates(tiny):
     model, tok = tiny
     trainer = copy.deepcopy(model)
