@@ -5,11 +5,10 @@ config and weights, side by side in one run (ratios > 1 mean model.py is faster)
     python bench/bench_model.py                       # CPU: tiny and ~100M shapes, fp32
     python bench/bench_model.py --device=cuda --shapes=3b,7b --dtype=bfloat16   # GPU: also checks bf16 logits
 
-Each measurement: a batch of text + one image per row, loss = sum of logits (fwd+bwd), median of `iters`
-runs after `warmup`.
+Each measurement: a batch of text + one image per row, loss = sum of logits (fwd+bwd), best of `iters`
+runs after `warmup`, the two implementations taking turns.
 """
 import os
-import statistics
 import sys
 import time
 
@@ -40,25 +39,31 @@ def hf_config(shape, vocab=4096):
                                    patch_size=14, temporal_patch_size=2, spatial_merge_size=2, tokens_per_second=2))
 
 
-def timeit(fn, warmup, iters, device):
-    for _ in range(warmup):
-        fn()
-    ts = []
+def timeit(fns, warmup, iters, device):
+    """Best time of each fn, the fns taking turns (one noisy stretch of a shared machine hits both sides)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    ts = [[] for _ in fns]
     for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for fn, t in zip(fns, ts):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t.append(time.perf_counter() - t0)
+    return [min(t) for t in ts]
 
 
-def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=4, seq=256, grid=16, warmup=2, iters=5):
+def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=4, seq=256, grid=16, warmup=2, iters=10, threads=0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     dt = getattr(torch, dtype)
-    print(f"device={device} dtype={dtype} batch={batch} seq={seq} image={grid}x{grid} patches/row")
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} batch={batch} seq={seq} "
+          f"image={grid}x{grid} patches/row, best of {iters} alternating runs, load {os.getloadavg()[0]:.2f}")
     for shape in shapes.split(","):
         cfg = hf_config(shape)
         torch.manual_seed(0)
@@ -83,7 +88,7 @@ def main(shapes="tiny,100m", device="cpu", dtype="float32", batch=4, seq=256, gr
         with torch.no_grad():
             ref = hf(input_ids=ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm).logits.float()
             diff = (ref - mine(ids, pv, thw).float()).abs().max().item()
-        t_hf, t_mine = timeit(run_hf, warmup, iters, device), timeit(run_mine, warmup, iters, device)
+        t_hf, t_mine = timeit([run_hf, run_mine], warmup, iters, device)
         params = sum(p.numel() for p in mine.parameters()) / 1e6
         print(f"{shape:>5} ({params:7.1f}M params): transformers {t_hf * 1e3:8.1f} ms  model.py {t_mine * 1e3:8.1f} ms"
               f"  speedup x{t_hf / t_mine:.2f}  max|logit diff| {diff:.2e}")
