@@ -130,6 +130,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32:  # the arithmetic below, as one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in fp32, cast back, then scale in the model dtype (what the checkpoints were trained with)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # h * rsqrt(mean(h^2) + eps), as one op
         return self.weight * h.to(x.dtype)
@@ -146,9 +148,18 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(angles):
+    """cos and sin (..., hd) of rotary angles a (..., hd/2), for apply_rope: [cos a, cos a] and, with its first
+    half negated, [-sin a, sin a]. Both are taken of [-a, a] (cos is even, sin odd): two ops fewer."""
+    both = torch.cat([-angles, angles], -1)
+    return both.cos(), both.sin()
+
+
+def apply_rope(x, cos, sin):
+    """The reference's x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: with the sign kept in the
+    sin table, [-x2, x1] * [s, s] = roll(x) * [-s, s] bit for bit, one op where rotate_half takes three
+    (a decode step of a small model is mostly per-op overhead)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def segment_attention(q, k, v, cu_seqlens, causal):
@@ -184,8 +195,7 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # (N, H, hd) each
         # the 2-D rotary runs in fp32 (as the reference does), then back to the model dtype
         cos, sin = cos[:, None].float(), sin[:, None].float()
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
+        q, k = apply_rope(q.float(), cos, sin).to(v.dtype), apply_rope(k.float(), cos, sin).to(v.dtype)
         return self.proj(segment_attention(q, k, v, cu_seqlens, causal=False).reshape(N, D))
 
 
@@ -237,7 +247,7 @@ class VisionTower(nn.Module):
         self.gradient_checkpointing = False
 
     def rotary(self, grid_thw, device):
-        """cos/sin (N, hd) of the 2-D rotary: [row freqs | col freqs] twice; rows/cols in patch units,
+        """rope_tables (N, hd) of the 2-D rotary, angles [row freqs | col freqs]; rows/cols in patch units,
         enumerated in the processor's 2x2 merge-block order."""
         m, hd = self.c.spatial_merge_size, self.c.hidden_size // self.c.num_heads
         inv_freq = 1.0 / 10000 ** (torch.arange(0, hd // 2, 2, device=device, dtype=torch.float) / (hd // 2))
@@ -248,9 +258,7 @@ class VisionTower(nn.Module):
             block = lambda a: a.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()  # noqa: E731
             pos.append(torch.stack([block(rows), block(cols)], -1).repeat(t, 1))
         pos = torch.cat(pos)  # (N, 2)
-        angles = (pos[:, :, None].float() * inv_freq).flatten(1)  # (N, hd/2)
-        emb = torch.cat([angles, angles], -1)
-        return emb.cos(), emb.sin()
+        return rope_tables((pos[:, :, None].float() * inv_freq).flatten(1))  # angles (N, hd/2)
 
     def window_index(self, grid_thw):
         """The window permutation of merged tokens, and window boundaries in patch units.
@@ -305,6 +313,10 @@ def get_rope_index(input_ids, image_grid_thw, attention_mask, config):
     Returns position_ids (3, B, T) long and rope_deltas (B, 1) long."""
     B, T = input_ids.shape
     dev = input_ids.device
+    if image_grid_thw is None and not (input_ids == config.image_token_id).any():  # text only: no row loop
+        keep = attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)
+        pos = (keep.cumsum(-1) - 1).clamp(min=0) * keep
+        return pos.expand(3, B, T), torch.zeros(B, 1, dtype=torch.long, device=dev)
     m = config.vision.spatial_merge_size
     pos = torch.zeros(3, B, T, dtype=torch.long, device=dev)
     deltas = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -348,7 +360,7 @@ def rope_inv_freq(head_dim, theta, device):
 
 
 def mrope_cos_sin(position_ids, config, dtype):
-    """cos/sin (B, 1, T, hd) of M-RoPE: frequency j takes its position from axis 0 (t), 1 (h) or 2 (w)
+    """rope_tables (B, 1, T, hd) of M-RoPE: frequency j takes its position from axis 0 (t), 1 (h) or 2 (w)
     according to mrope_section; computed in fp32, then cast to the activation dtype (as the reference).
     position_ids (3, B, T), or (B, T) when the three axes are equal (decoding text): then M-RoPE is plain
     1-D RoPE and the per-frequency axis gather is skipped (it would pick the same numbers)."""
@@ -358,8 +370,8 @@ def mrope_cos_sin(position_ids, config, dtype):
         axis = torch.repeat_interleave(torch.arange(3, device=freqs.device) % 3,
                                        torch.tensor(config.mrope_section, device=freqs.device))  # (hd/2,)
         freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], -1)[:, None]  # (B, 1, T, hd): broadcasts over the heads
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = rope_tables(freqs[:, None])  # (B, 1, T, hd): broadcasts over the heads
+    return cos.to(dtype), sin.to(dtype)
 
 
 class KVCache:
@@ -413,16 +425,20 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cu_seqlens=None, kv_cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        # q and k side by side, so that RoPE is one set of ops for both (a decode step is mostly per-op overhead)
+        qk = torch.cat([self.q_proj(x), self.k_proj(x)], -1).view(B, T, self.nh + self.nkv, self.hd)
+        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([self.nh, self.nkv], 1)  # (B, nh|nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cu_seqlens is not None:  # packed rows: causal attention inside each sample only
             flat = lambda t: t.transpose(1, 2).reshape(B * T, -1, self.hd)  # noqa: E731
             y = segment_attention(flat(q), flat(k), flat(v), cu_seqlens, causal=True).view(B, T, -1)
             return self.o_proj(y)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+        if T == 1 and mask is not None:  # decoding one token: the nh/nkv query heads of each kv head attend
+            # as that many queries of one head (they see the same keys), so SDPA does no GQA expansion
+            y = F.scaled_dot_product_attention(q.view(B, self.nkv, -1, self.hd), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, -1))
         # mask None means plain causal attention over T == S positions
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -566,8 +582,9 @@ class QwenVL(nn.Module):
             if position_ids is None and L == 0:  # prefill: 3-D ids from the prompt, remember the deltas
                 position_ids, kv_cache.rope_deltas = get_rope_index(input_ids, image_grid_thw, kv_cache.key_mask[:, :T], c)
             elif position_ids is None:  # decode: the real-token index + delta, same on all three axes (so 2-D)
-                p = kv_cache.key_mask[:, :L].sum(-1, keepdim=True) + kv_cache.rope_deltas  # (B, 1)
-                position_ids = p + torch.arange(T, device=p.device)  # (B, T)
+                position_ids = kv_cache.key_mask[:, :L].sum(-1, keepdim=True) + kv_cache.rope_deltas  # (B, 1)
+                if T > 1:
+                    position_ids = position_ids + torch.arange(T, device=position_ids.device)  # (B, T)
             if T == 1 and attention_mask is None:
                 # one new real token sees every real slot so far, itself included: no causal part to build
                 mask = kv_cache.key_mask[:, None, None, :L + 1]  # (B, 1, 1, L+1), a view
@@ -583,6 +600,8 @@ class QwenVL(nn.Module):
             if position_ids is None:
                 position_ids, _ = get_rope_index(input_ids, image_grid_thw, attention_mask, c)
         cos, sin = mrope_cos_sin(position_ids, c, x.dtype)
+        if mask is not None:  # as an additive 0/-inf bias, made once: SDPA would convert a bool mask in every layer
+            mask = torch.full_like(mask, float("-inf"), dtype=x.dtype).masked_fill_(mask, 0.0)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, cu, None, i, use_reentrant=False)

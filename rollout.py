@@ -55,9 +55,10 @@ def sample_tokens(logits, temperature, top_p, u, banned=None):
     before top_p truncation and the ban, which is what the trainer recomputes as log_softmax(logits / T)."""
     if temperature != 0 and temperature != 1.0:
         logits = logits / temperature
-    # ban in logit space: zeroing probabilities instead fails when the banned ids hold all the mass and the
-    # others underflow to 0
-    allowed = logits.index_fill(-1, banned, float("-inf")) if banned is not None else logits
+    logp = logits.log_softmax(-1)  # (R, V): one op; logsumexp is several at this size
+    # ban in log space, then renormalise with softmax: exp(logp) of the allowed ids would underflow to 0 when
+    # the banned ids hold all the mass
+    allowed = logp.index_fill(-1, banned, float("-inf")) if banned is not None else logp
     if temperature == 0:
         tok = allowed.argmax(-1)
     else:
@@ -68,7 +69,7 @@ def sample_tokens(logits, temperature, top_p, u, banned=None):
         cdf = p.cumsum(-1)
         idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         tok = (order.gather(-1, idx) if order is not None else idx).squeeze(-1)
-    return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 def length_groups(lengths, slack=1.2):
@@ -136,7 +137,8 @@ class TorchEngine:
         chunks.append(cur)
         out = [None] * len(prompts)
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # eval() and train() walk every module: only when needed
+            self.model.eval()
         try:
             with torch.inference_mode():  # cheaper per op than no_grad; the cache never leaves generate()
                 for chunk in chunks:
@@ -144,7 +146,8 @@ class TorchEngine:
                             [rendered[i] for i in chunk], chunk, n, temperature, top_p, max_tokens, stop or [], seed)):
                         out[i] = group
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         n_tok = sum(len(c.token_ids) for g in out for c in g)
         self.stats.update(gen_s=time.perf_counter() - t0, gen_tokens=n_tok)
         return out
@@ -172,8 +175,9 @@ class TorchEngine:
             h[rows] = model(ids.to(dev), pv, grid, mask.to(dev), kv_cache=sub, return_hidden=True)[:, -1]
             cache.put(rows, sub)
         # each prompt was prefilled once; share its cache among its n samples: rows p*n .. p*n+n-1
-        cache.select(torch.arange(P, device=dev).repeat_interleave(n))
-        h = h.repeat_interleave(n, 0)  # (R, D), R = P * n
+        if n > 1:
+            cache.select(torch.arange(P, device=dev).repeat_interleave(n))
+            h = h.repeat_interleave(n, 0)  # (R, D), R = P * n
         # the uniforms of row (prompt p, sample j) depend only on (seed, p, j): batch-independent samples
         # (hash of a tuple of ints is not salted per process, so this is reproducible across runs)
         u = torch.stack([torch.rand(max_tokens, generator=torch.Generator().manual_seed(

@@ -158,6 +158,12 @@ def test_sample_tokens_never_picks_a_banned_id_by_hand():
     torch.testing.assert_close(lp, torch.tensor([0.3, 0.3, 0.15, 0.05]).log())  # unbanned log-probs
     tok, _ = sample_tokens(logits, 0.0, 1.0, u, banned=torch.tensor([0]))
     assert tok.tolist() == [1] * 4  # greedy takes the best allowed token
+    # the banned id holds all the mass: exp(logp) of the others underflows to 0 in fp32, yet they are sampled
+    # from softmax([0, 1, -1]) = [0.245, 0.665, 0.090]
+    logits = torch.tensor([300.0, 0.0, 1.0, -1.0])[None].expand(4, 4)
+    tok, lp = sample_tokens(logits, 1.0, 1.0, u, banned=torch.tensor([0]))
+    assert tok.tolist() == [1, 2, 2, 3]
+    torch.testing.assert_close(lp, logits[0, tok] - 300.0)  # log p under the full distribution: logits - ~300
 
 
 def test_engine_never_emits_image_placeholders(tiny):
