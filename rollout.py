@@ -276,7 +276,8 @@ def logprob_gap(completions, trainer_logprobs):
 #   LLM(..., distributed_executor_backend="external_launcher", enable_sleep_mode, logprobs_mode,
 #       limit_mm_per_prompt, mm_processor_kwargs)      vllm/entrypoints/llm.py, vllm/engine/arg_utils.py
 #   llm.sleep(level), llm.wake_up(tags=["weights"|"kv_cache"])               docs/features/sleep_mode.md
-#   llm.reset_prefix_cache(), reset_mm_cache(), reset_encoder_cache()        vllm/entrypoints/llm.py (vllm PR #33452)
+#   llm.reset_prefix_cache(), llm.reset_mm_cache()                           vllm/entrypoints/llm.py
+#   llm.llm_engine.reset_encoder_cache() (not on LLM; scheduler + worker)   vllm/v1/engine/llm_engine.py (PR #33452)
 #   llm.llm_engine.model_executor.driver_worker.worker.model_runner.model    examples/offline_inference/torchrun_example.py
 #   Qwen2_5_VLForConditionalGeneration.load_weights(iterable of HF names)    vllm/model_executor/models/qwen2_5_vl.py
 #   n children of one request are seeded seed + j                            vllm/v1/engine/parallel_sampling.py
@@ -310,7 +311,9 @@ class VLLMEngine:
                        distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        seed=int(os.environ["RANK"]) // tensor_parallel_size,  # equal inside a TP group
-                       logprobs_mode="processed_logprobs",  # log_softmax(logits / T), what the trainer recomputes
+                       # log_softmax(logits / T), what the trainer recomputes, at top_p = 1 (as rl.py samples): vLLM
+                       # takes it after top-p truncation (vllm/v1/sample/sampler.py) and after logit_bias
+                       logprobs_mode="processed_logprobs",
                        limit_mm_per_prompt={"image": max_images, "video": 0},
                        mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels}, **llm_kwargs)
         self.tokenizer, self.image_root = tokenizer, image_root
@@ -334,13 +337,14 @@ class VLLMEngine:
             self.weights_valid = self.sleep_level == 1
 
     def wake_up(self):
-        # Wake only what is still asleep: waking "weights" after sync_weights woke them would restore the
-        # level-1 CPU copy taken before the update, i.e. stale weights.
+        # Wake only what is still asleep: sync_weights may have woken the weights already (waking them twice
+        # would map memory that is mapped), and what it wrote there must not be touched again.
         if "weights" in self.asleep:
             self.llm.wake_up(tags=["weights"])
             self.asleep.discard("weights")
         assert self.weights_valid, "vLLM slept at level 2 and dropped its weights: call sync_weights(model) first"
         if "kv_cache" in self.asleep:
+            torch.cuda.empty_cache()  # hand back the trainer's cached blocks (and sync's gathered tensors) first
             self.llm.wake_up(tags=["kv_cache"])  # after the weights, so both never compete for memory
             self.asleep.discard("kv_cache")
             self.llm.reset_prefix_cache()  # the re-mapped KV memory is garbage: forget every cached prefix
@@ -361,7 +365,8 @@ class VLLMEngine:
         self.weights_valid = True
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
-        self.llm.reset_encoder_cache()  # keyed by image hash only: would serve old-weight embeddings (vllm #44910)
+        # vision-encoder outputs are keyed by image hash only: they would serve old-weight embeddings (vllm #44910)
+        self.llm.llm_engine.reset_encoder_cache()
         torch.cuda.synchronize()
         self.stats["sync_s"] = time.perf_counter() - t0
 
