@@ -360,7 +360,7 @@ def rope_inv_freq(head_dim, theta, device):
 
 
 def mrope_cos_sin(position_ids, config, dtype):
-    """rope_tables (B, 1, T, hd) of M-RoPE: frequency j takes its position from axis 0 (t), 1 (h) or 2 (w)
+    """rope_tables (B, T, 1, hd) of M-RoPE: frequency j takes its position from axis 0 (t), 1 (h) or 2 (w)
     according to mrope_section; computed in fp32, then cast to the activation dtype (as the reference).
     position_ids (3, B, T), or (B, T) when the three axes are equal (decoding text): then M-RoPE is plain
     1-D RoPE and the per-frequency axis gather is skipped (it would pick the same numbers)."""
@@ -370,7 +370,7 @@ def mrope_cos_sin(position_ids, config, dtype):
         axis = torch.repeat_interleave(torch.arange(3, device=freqs.device) % 3,
                                        torch.tensor(config.mrope_section, device=freqs.device))  # (hd/2,)
         freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # (B, T, hd/2)
-    cos, sin = rope_tables(freqs[:, None])  # (B, 1, T, hd): broadcasts over the heads
+    cos, sin = rope_tables(freqs[:, :, None])  # (B, T, 1, hd): broadcasts over the heads of (B, T, H, hd)
     return cos.to(dtype), sin.to(dtype)
 
 
@@ -425,9 +425,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cu_seqlens=None, kv_cache=None, layer=0):
         B, T, _ = x.shape
-        # q and k side by side, so that RoPE is one set of ops for both (a decode step is mostly per-op overhead)
+        # q and k side by side, so that RoPE is one set of ops for both (a decode step is mostly per-op overhead),
+        # rotated in the projections' (B, T, H, hd) layout, which is contiguous (the transposed view is slower)
         qk = torch.cat([self.q_proj(x), self.k_proj(x)], -1).view(B, T, self.nh + self.nkv, self.hd)
-        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([self.nh, self.nkv], 1)  # (B, nh|nkv, T, hd)
+        q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([self.nh, self.nkv], 1)  # (B, nh|nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         if cu_seqlens is not None:  # packed rows: causal attention inside each sample only
             flat = lambda t: t.transpose(1, 2).reshape(B * T, -1, self.hd)  # noqa: E731
