@@ -338,6 +338,15 @@ def test_load_sources_weights_and_next_mixed(tmp_path):
         rl.load_sources(spec, [1.0])
 
 
+def test_source_sums_by_hand():
+    groups = [{"problem": {"mix_source": "text"}, "rewards": [1.0, 0.0, 1.0], "correct": [1.0, 0.0, 1.0]},
+              {"problem": {"mix_source": "image"}, "rewards": [0.1, 0.1, 0.0], "correct": [0.0, 0.0, 0.0]},
+              {"problem": {"mix_source": "text"}, "rewards": [0.0, 0.0, 1.0], "correct": [0.0, 0.0, 1.0]}]
+    got = rl.source_sums(groups, ["text", "image", "unused"])
+    assert got == {"n/text": 6, "reward/text": 3.0, "correct/text": 3, "n/image": 3, "reward/image": pytest.approx(0.2),
+                   "correct/image": 0, "n/unused": 0, "reward/unused": 0, "correct/unused": 0}
+
+
 @pytest.mark.slow
 def test_mixed_text_and_image_rl_run_logs_per_source_reward(tiny_model_dir, tmp_path):
     # README's commands: ORZ text problems + GeoQA image problems, mixed half and half
