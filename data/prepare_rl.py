@@ -20,6 +20,7 @@ Every run writes OUT.manifest.json next to OUT: the inputs, counts, and the drop
     python data/prepare_rl.py algopuzzlevqa raw/LLM-PuzzleTest/AlgoPuzzleVQA/data/*.json data/rl/algopuzzlevqa.jsonl
     python data/prepare_rl.py iconqa raw/iconqa_data/iconqa/train data/rl/iconqa.jsonl
     python data/prepare_rl.py pixmo_count raw/pixmo-count/data/train-*.parquet data/rl/pixmo_count.jsonl
+    python data/prepare_rl.py tqa raw/tqa/train/tqa_v1_train.json data/rl/tqa.jsonl
     python data/prepare_rl.py orz raw/Open-Reasoner-Zero/data/orz_math_57k_collected.json data/rl/orz_57k.jsonl
 Then mix them in rl.py (data_path="a.jsonl,b.jsonl", data_weights=[...]) and drop the problems the starting
 model always or never solves: data/filter_difficulty.py. Needs pyarrow for parquet (pip install pyarrow).
@@ -37,7 +38,7 @@ LETTERS = "ABCDEFGHIJ"
 #   q, a, images, choices, id: column names (images: a column holding one image or a list of them; an image
 #     is {"bytes", "path"} as HF datasets stores it, or a path relative to the input file's folder)
 #   a_is: how to read the answer: "text" (as is), "index" (0-based index into choices -> letter),
-#     "tag" (the text inside <answer>...</answer>), "first" (first element of a list)
+#     "key" (an option key such as "b" -> letter), "tag" (the text inside <answer>...</answer>), "first" (a list's first)
 #   q_from: a template over the row's columns when the dataset has no question column
 #   context: a column prepended to the question when non-empty
 LAYOUTS = {
@@ -69,6 +70,11 @@ LAYOUTS = {
     # answer (index for choose_txt, text for fill_in_blank), ques_type} and image.png. choose_img (the options
     # are pictures) has no text answer and is dropped.
     "iconqa": dict(q="question", a="answer", a_is="index", images="image.png", choices="choices", folder=True),
+    # TQA (allenai, tqa_train_val_test.zip; schema in the authors' docs): <split>/tqa_v1_<split>.json is a JSON array
+    # of lessons whose questions sit in questions.{nonDiagramQuestions,diagramQuestions}.<id> as {beingAsked,
+    # answerChoices.<a, b, ...>, correctAnswer (the option key), imagePath (diagram questions, from the split folder)},
+    # every text in .processedText; tqa_questions flattens them into the columns named here
+    "tqa": dict(q="question", a="answer", a_is="key", images="image", choices="choices", id="id", nested=True),
     # Open-Reasoner-Zero data/orz_math_57k_collected.json (and orz_math_72k_collection_extended.json,
     # orz_math_13k_collection_hard.json): one JSON array of pairs
     # [{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}]; text only
@@ -111,6 +117,17 @@ def folder_rows(root):
             with open(os.path.join(d, "data.json"), encoding="utf-8") as f:
                 row = json.load(f)
             yield dict(row, _dir=d)
+
+
+def tqa_questions(lessons):
+    """TQA's lessons -> one flat row per question, in the columns LAYOUTS["tqa"] names."""
+    for lesson in lessons:
+        for kind in ("nonDiagramQuestions", "diagramQuestions"):
+            for qid, q in sorted((lesson.get("questions") or {}).get(kind, {}).items()):
+                keys = sorted(q.get("answerChoices") or {})
+                yield {"id": qid, "question": q["beingAsked"]["processedText"], "keys": keys,
+                       "choices": [q["answerChoices"][k]["processedText"] for k in keys],
+                       "answer": q["correctAnswer"]["processedText"], "image": q.get("imagePath")}
 
 
 def save_image(data, out_root, name):
@@ -165,6 +182,8 @@ def convert_row(row, layout, name, src_dir, out_root):
         if not choices or not 0 <= int(a) < len(choices):
             return None, "answer index outside the choices"
         a = LETTERS[int(a)]  # the letter; reward.is_equiv also accepts the option text when choices are given
+    elif kind == "key":  # TQA: the option's key; anything else is kept as the answer text
+        a = LETTERS[row["keys"].index(a)] if a in row.get("keys", []) else a
     elif kind == "tag":
         m = re.search(r"<answer>(.*?)</answer>", str(a), re.S)
         if not m:
@@ -196,6 +215,7 @@ def convert(name, inputs, out):
     for src in inputs:
         shard = os.path.splitext(os.path.relpath(os.path.abspath(src), common))[0]
         rows = folder_rows(src) if layout.get("folder") else read_rows(src)
+        rows = tqa_questions(rows) if layout.get("nested") else rows
         for i, row in enumerate(rows):
             n_rows += 1
             src_dir = row.pop("_dir", None) if isinstance(row, dict) else None

@@ -169,6 +169,29 @@ def iconqa(tmp):
                         ("How many dots?", "7", None, src / "fill_in_blank/2/image.png")]
 
 
+def tqa(tmp):
+    # TQA tqa_train_val_test.zip: train/tqa_v1_train.json (lessons; questions two dicts deep), images by imagePath
+    d = tmp / "tqa" / "train"
+    (d / "question_images").mkdir(parents=True)
+    Image.new("RGB", (50, 40), (33, 66, 99)).save(d / "question_images" / "cycle.png")
+    choice = lambda t: {"idStructural": "a.", "processedText": t, "rawText": t}  # noqa: E731
+    lesson = {"globalID": "L_0001", "lessonName": "water cycle", "questions": {
+        "nonDiagramQuestions": {"NDQ_000001": {"beingAsked": {"processedText": "rain is a form of", "rawText": "..."},
+                                               "answerChoices": {"a": choice("evaporation"), "b": choice("precipitation")},
+                                               "correctAnswer": {"processedText": "b", "rawText": "b"},
+                                               "globalID": "NDQ_000001", "questionType": "Multiple Choice"}},
+        "diagramQuestions": {"DQ_000002": {"beingAsked": {"processedText": "which stage is shown?", "rawText": "..."},
+                                           "answerChoices": {"a": choice("melting"), "b": choice("runoff"),
+                                                             "c": choice("condensation")},
+                                           "correctAnswer": {"processedText": "c", "rawText": "c"},
+                                           "imagePath": "question_images/cycle.png", "imageName": "cycle.png",
+                                           "globalID": "DQ_000002", "questionType": "Diagram Multiple Choice"}}}}
+    (d / "tqa_v1_train.json").write_text(json.dumps([lesson]))
+    return [str(d / "tqa_v1_train.json")], [("rain is a form of", "B", ["evaporation", "precipitation"], None),
+                                            ("which stage is shown?", "C", ["melting", "runoff", "condensation"],
+                                             d / "question_images" / "cycle.png")]
+
+
 def orz(tmp):
     # Open-Reasoner-Zero data/orz_math_57k_collected.json: one JSON array of [human, assistant] pairs
     rows = [[{"from": "human", "value": "What is $1+1$?"}, {"from": "assistant", "ground_truth": {"value": "2"}}],
@@ -182,7 +205,7 @@ def orz(tmp):
 
 RL_SETS = {"geometry3k": hf_geometry3k, "geoqa": geoqa, "mmk12": mmk12, "scienceqa": scienceqa, "chartqa": chartqa,
            "puzzlevqa": lambda t: puzzle(t, "PuzzleVQA"), "algopuzzlevqa": lambda t: puzzle(t, "AlgoPuzzleVQA"),
-           "pixmo_count": pixmo_count, "geometry3k_intergps": geometry3k_intergps, "iconqa": iconqa, "orz": orz}
+           "pixmo_count": pixmo_count, "tqa": tqa, "geometry3k_intergps": geometry3k_intergps, "iconqa": iconqa, "orz": orz}
 DROPPED = {"geoqa": {"no <answer> tag in the solution": 1}, "pixmo_count": {"image missing": 1},
            "iconqa": {"choose_img: the options are pictures": 1}, "orz": {"empty question or answer": 1}}
 
