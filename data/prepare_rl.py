@@ -25,6 +25,7 @@ Every run writes OUT.manifest.json next to OUT: the inputs, counts, and the drop
 Then mix them in rl.py (data_path="a.jsonl,b.jsonl", data_weights=[...]) and drop the problems the starting
 model always or never solves: data/filter_difficulty.py. Needs pyarrow for parquet (pip install pyarrow).
 """
+import functools
 import hashlib
 import json
 import os
@@ -142,6 +143,13 @@ def save_image(data, out_root, name):
     return rel
 
 
+@functools.lru_cache(maxsize=None)
+def downloaded(folder):
+    """{file name without extension: path} of a folder's files, read once (pixmo: 37k lookups)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return {f.rsplit(".", 1)[0]: os.path.join(folder, f) for f in names}
+
+
 def find_image(im, src_dir, out_root, name, layout):
     """One image value of a row -> a path relative to out_root, or None if it is not there."""
     if isinstance(im, dict):  # HF datasets' Image feature
@@ -153,9 +161,7 @@ def find_image(im, src_dir, out_root, name, layout):
     if layout.get("folder"):
         path = os.path.join(src_dir, layout["images"])
     elif name == "pixmo_count":  # the images column holds the sha256 of a downloaded image
-        d = os.path.join(src_dir, "images")
-        hits = [f for f in (os.listdir(d) if os.path.isdir(d) else []) if f.split(".")[0] == im]
-        path = os.path.join(d, hits[0]) if hits else ""
+        path = downloaded(os.path.join(src_dir, "images")).get(im, "")
     else:  # a relative path: next to the input file, or one folder up (the repo keeps images beside data/)
         path = next((p for p in (os.path.join(src_dir, im), os.path.join(os.path.dirname(src_dir), im))
                      if os.path.exists(p)), os.path.join(src_dir, im))
@@ -178,8 +184,8 @@ def convert_row(row, layout, name, src_dir, out_root):
         return None, "empty question or answer"
     choices = [str(c) for c in row.get(layout.get("choices"), None) or []] or None
     kind = layout.get("a_is", "text")
-    if kind == "index" and isinstance(a, int) or (kind == "index" and isinstance(a, str) and choices and a.isdigit()):
-        if not choices or not 0 <= int(a) < len(choices):
+    if kind == "index" and choices and str(a).isdigit():  # (IconQA's fill_in_blank has no choices: kept as text)
+        if int(a) >= len(choices):
             return None, "answer index outside the choices"
         a = LETTERS[int(a)]  # the letter; reward.is_equiv also accepts the option text when choices are given
     elif kind == "key":  # TQA: the option's key; anything else is kept as the answer text
