@@ -14,9 +14,10 @@ in memory whole) or JSON lines. Rows are recognised by their columns:
 - OpenR1 layout: problem + generations (DeepSeek-R1 traces) with per-trace flags correctness_math_verify,
   correctness_llama and is_reasoning_complete: keep the complete traces that Math-Verify checked against the
   reference answer (the first one, or all with --all_traces). Rows whose only correct traces were judged by
-  the Llama-3.3-70B judge (OpenR1-Math-220k's card: the judge re-checked rows Math-Verify could not parse;
-  about 12% of the default split) are skipped and counted as "llama_only": this project's reward and eval
-  use a rule-based verifier, and a trace it cannot confirm teaches a final-answer format it cannot read.
+  the Llama-3.3-70B-Instruct judge are skipped and counted as "llama_only" (OpenR1-Math-220k's card and
+  release post: the judge recovered correct examples a rule-based parser could not verify, e.g. malformed
+  answers). This project's reward and eval use a rule-based verifier; a trace it cannot confirm teaches a
+  final-answer form it cannot read. The manifest's llama_only count is that share of your download.
 - messages: kept (roles checked, "human"/"gpt" style roles renamed).
 - conversations: ShareGPT, converted.
 Rows without a usable trace are skipped and counted by reason in OUT.manifest.json. No torch import.
