@@ -56,7 +56,8 @@ LAYOUTS = {
     # HuggingFaceM4/ChartQA (HF): image {bytes,path}, query, label [answer], human_or_machine
     "chartqa": dict(q="query", a="label", a_is="first", images="image"),
     # declare-lab/LLM-PuzzleTest PuzzleVQA/data/<puzzle>.json and AlgoPuzzleVQA/data/<puzzle>.json: one JSON object
-    # per line {image: path, question, options [..], answer: the option text, ...}
+    # per line {image: "images/<puzzle>/<puzzle>_0000.png" (under data/), question, options [often numbers],
+    # answer: the option as a string, ...}
     "puzzlevqa": dict(q="question", a="answer", images="image", choices="options"),
     "algopuzzlevqa": dict(q="question", a="answer", images="image", choices="options"),
     # allenai/pixmo-count (HF): image_url, image_sha256, count, points, label. Only URLs are published: download

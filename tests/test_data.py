@@ -115,17 +115,18 @@ def chartqa(tmp):
 
 
 def puzzle(tmp, name):
-    # declare-lab/LLM-PuzzleTest <Set>/data/<puzzle>.json: a JSON object per line, image path, options, answer text
+    # declare-lab/LLM-PuzzleTest <Set>/data/<puzzle>.json: a JSON object per line; images in <Set>/data/images/
     d = tmp / name / "data"
     (d / "images" / "p").mkdir(parents=True)
     exp = []
     with open(d / "p.json", "w") as f:
         for i, color in enumerate([(1, 2, 3), (200, 100, 50)]):
             Image.new("RGB", (30, 30), color).save(d / "images" / "p" / f"p_{i:04d}.png")
-            q, a, opts = f"What is the missing number? ({i})", str(5 + i), ["4", "5", "6", "7"]
-            f.write(json.dumps({"image": f"images/p/p_{i:04d}.png", "question": q, "options": opts, "answer": a,
+            q, a = f"What is the missing number? ({i})", str(5 + i)
+            # as published: options are numbers, the answer is the option as a string
+            f.write(json.dumps({"image": f"images/p/p_{i:04d}.png", "question": q, "options": [4, 5, 6, 7], "answer": a,
                                 "caption": "...", "explanation": "..."}) + "\n")
-            exp.append((q, a, opts, d / "images" / "p" / f"p_{i:04d}.png"))
+            exp.append((q, a, ["4", "5", "6", "7"], d / "images" / "p" / f"p_{i:04d}.png"))
     return [str(d / "p.json")], exp
 
 
