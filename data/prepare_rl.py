@@ -134,8 +134,11 @@ def tqa_questions(lessons):
 
 def save_image(data, out_root, name):
     """Image bytes -> images/<name>/<sha1>.<ext> under out_root (content-addressed: no collisions, no duplicates)."""
-    from PIL import Image
-    ext = (Image.open(BytesIO(data)).format or "png").lower().replace("jpeg", "jpg")
+    from PIL import Image, UnidentifiedImageError
+    try:
+        ext = (Image.open(BytesIO(data)).format or "png").lower().replace("jpeg", "jpg")
+    except UnidentifiedImageError:
+        return None  # counted as a dropped row, not a traceback
     rel = os.path.join("images", name, hashlib.sha1(data).hexdigest() + "." + ext)
     if not os.path.exists(os.path.join(out_root, rel)):
         os.makedirs(os.path.dirname(os.path.join(out_root, rel)), exist_ok=True)
@@ -202,7 +205,7 @@ def convert_row(row, layout, name, src_dir, out_root):
     images = images if isinstance(images, list) else [images] if images else []
     paths = [find_image(im, src_dir, out_root, name, layout) for im in images]
     if None in paths:
-        return None, "image missing"
+        return None, "image missing or unreadable"
     q = str(q).replace("<image>", "").strip()
     if layout.get("context") and row.get(layout["context"]):
         q = f"Context: {row[layout['context']].strip()}\n{q}"

@@ -79,7 +79,8 @@ def geoqa(tmp):
     rows = [{"image": {"bytes": a, "path": "1.jpg"}, "problem": "As shown, angle ACB = ?",
              "solution": "<answer> 145° </answer>"},
             {"image": {"bytes": b, "path": "2.png"}, "problem": "Find AB.", "solution": "<answer>4</answer>"},
-            {"image": {"bytes": b, "path": "3.png"}, "problem": "Broken row", "solution": "4"}]
+            {"image": {"bytes": b, "path": "3.png"}, "problem": "Broken row", "solution": "4"},
+            {"image": {"bytes": b"not an image", "path": "4.png"}, "problem": "Bad bytes", "solution": "<answer>1</answer>"}]
     return [parquet(tmp / "geoqa/data/train-00000-of-00001.parquet", rows)], \
         [("As shown, angle ACB = ?", "145°", None, a), ("Find AB.", "4", None, b)]
 
@@ -207,7 +208,7 @@ def orz(tmp):
 RL_SETS = {"geometry3k": hf_geometry3k, "geoqa": geoqa, "mmk12": mmk12, "scienceqa": scienceqa, "chartqa": chartqa,
            "puzzlevqa": lambda t: puzzle(t, "PuzzleVQA"), "algopuzzlevqa": lambda t: puzzle(t, "AlgoPuzzleVQA"),
            "pixmo_count": pixmo_count, "tqa": tqa, "geometry3k_intergps": geometry3k_intergps, "iconqa": iconqa, "orz": orz}
-DROPPED = {"geoqa": {"no <answer> tag in the solution": 1}, "pixmo_count": {"image missing": 1},
+DROPPED = {"geoqa": {"no <answer> tag in the solution": 1, "image missing or unreadable": 1}, "pixmo_count": {"image missing or unreadable": 1},
            "iconqa": {"choose_img: the options are pictures": 1}, "orz": {"empty question or answer": 1}}
 
 
