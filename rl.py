@@ -31,8 +31,9 @@ Run (data: problems as in README's "Data formats", JSONL or parquet):
   python rl.py config/rl_3b_1gpu.py                               # 1 GPU, colocated vLLM
   torchrun --standalone --nproc_per_node=8 rl.py config/rl_ovr7b.py   # the OVR recipe
   torchrun --standalone --nproc_per_node=8 rl.py config/rl_ovr7b.py --resume=True   # after a crash
-Data: python data/prepare_rl.py geometry3k PATH/geometry3k/train data/rl/geo3k_train.jsonl, then
-  python data/filter_difficulty.py --model=out/sft --data=... to drop all-correct / all-wrong problems.
+Data: data/prepare_rl.py converts the public sets (README, "Data"); data/filter_difficulty.py then drops the
+  all-correct / all-wrong problems. Several files mix: --data_path=a.jsonl,b.jsonl --data_weights=[0.5,0.5] draws
+  each prompt's source with those weights; metrics.jsonl then has source/<file name>/reward_mean and accuracy.
 Outputs in out_dir: metrics.jsonl (a line per step), rollouts.jsonl (sampled responses to read),
 ckpt/step_N/ (model, optimizer, data position, RNG), eval/, and the final model in HF layout.
 """
@@ -63,7 +64,8 @@ save_every = 50                 # steps between resumable checkpoints (0: only a
 keep_last = 2                   # resumable checkpoints kept on disk
 export_every_save = True        # also write an HF export into every checkpoint (for OVR's checkpoint averaging)
 # data
-data_path = "data/rl/train.jsonl"  # problems (README, "Data formats"), JSONL or parquet
+data_path = "data/rl/train.jsonl"  # problems (README, "Data formats"), JSONL or parquet; several files: comma-separated
+data_weights = []               # one mixing weight per data_path file: the share of prompts drawn from it ([]: by size)
 eval_path = ""                  # held-out problems (JSONL) for the periodic eval; "" = none
 template = "ovr"                # eval.py TEMPLATES name, or a prompt with {question} (and {choices})
 min_pixels = 0                  # image resize bounds in pixels, the same in engine and trainer (0: from
@@ -201,6 +203,56 @@ def load_data(path):
     return rows
 
 
+def load_sources(spec, weights=()):
+    """data_path (comma-separated files) -> (problems, sources). Every file goes through load_data; its problems
+    get p["mix_source"] = the file's name (per-source metrics), and sources lists (name, first index, count,
+    weight) with the weights normalised to sum to 1 ([]: in proportion to the files' sizes)."""
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    assert paths, "data_path is empty"
+    if weights and len(weights) != len(paths):
+        raise SystemExit(f"data_weights has {len(weights)} entries for {len(paths)} data_path files")
+    problems, sources = [], []
+    for path, w in zip(paths, weights or [None] * len(paths)):
+        rows = load_data(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        name = name if name not in [s[0] for s in sources] else f"{name}_{len(sources)}"
+        if w is not None and not w >= 0:
+            raise SystemExit(f"data_weights: {w} for {path} must be >= 0")
+        for p in rows:
+            p["mix_source"] = name
+        sources.append((name, len(problems), len(rows), len(rows) if w is None else w))
+        problems += rows
+    total = sum(s[3] for s in sources)
+    assert total > 0, f"data_weights {weights} sum to 0"
+    return problems, [(name, start, n, w / total) for name, start, n, w in sources]
+
+
+def next_mixed(k, state, sources, rank, world):
+    """k problem indices (into load_sources' list) for this rank: each slot's source drawn with the mixing weights
+    (seeded by the draw count, so state = {draws, per-source {epoch, cursor}} is all a resume needs), then each
+    source walks its own reshuffled stride with next_prompts. One source: exactly next_prompts."""
+    if len(sources) == 1:
+        return [sources[0][1] + i for i in next_prompts(k, state["sources"][0], sources[0][2], rank, world)]
+    g = torch.Generator().manual_seed(seed * 1000003 + rank * 7919 + state["draws"])
+    which = torch.multinomial(torch.tensor([s[3] for s in sources], dtype=torch.float), k, replacement=True,
+                              generator=g).tolist()
+    state["draws"] += 1
+    picks = {j: iter(next_prompts(which.count(j), state["sources"][j], sources[j][2], rank, world)) for j in set(which)}
+    return [sources[j][1] + next(picks[j]) for j in which]
+
+
+def source_sums(groups, names):
+    """Response count, reward sum and correct count per data source, with every name present (the same keys on
+    every rank, for one all-reduce)."""
+    out = {f"{k}/{name}": 0.0 for name in names for k in ("n", "reward", "correct")}
+    for g in groups:
+        name = g["problem"]["mix_source"]
+        out[f"n/{name}"] += len(g["rewards"])
+        out[f"reward/{name}"] += sum(g["rewards"])
+        out[f"correct/{name}"] += sum(c > 0 for c in g["correct"])
+    return out
+
+
 def next_prompts(k, state, n, rank, world):
     """k problem indices for this rank: its own stride of the data, reshuffled every epoch (seeded, so
     state = {epoch, cursor} is all a resume needs)."""
@@ -324,8 +376,10 @@ def main():
     eng = make_engine(engine, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    problems = load_data(data_path)
-    assert len(problems) >= world, f"{data_path}: {len(problems)} problems for {world} ranks"
+    problems, sources = load_sources(data_path, data_weights)
+    for name, _, n, w in sources:
+        assert n >= world, f"{name}: {n} problems for {world} ranks"
+        log(f"data source {name}: {n} problems, weight {w:.3f}")
     eval_problems = ev.load_problems(eval_path)[:eval_limit or None] if eval_path else []
     log(f"data: {len(problems)} training problems, {len(eval_problems)} eval problems")
 
@@ -335,7 +389,7 @@ def main():
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
     barrier()
-    start, data_state = 0, {"epoch": 0, "cursor": 0}
+    start, data_state = 0, {"draws": 0, "sources": [{"epoch": 0, "cursor": 0} for _ in sources]}
     latest = latest_checkpoint(ckpt_dir)
     if latest and not resume:
         raise SystemExit(f"{out_dir} already has a checkpoint ({latest}): pass --resume=True or use another out_dir")
@@ -389,7 +443,7 @@ def main():
         t_step, t_gen, t_rew = time.time(), 0.0, 0.0
         seen, kept, rounds = [], [], 0
         while rounds < (max_sampling_rounds if dynamic_sampling else 1) and len(kept) < ppr:
-            batch = [problems[i] for i in next_prompts(ppr, data_state, len(problems), rank, world)]
+            batch = [problems[i] for i in next_mixed(ppr, data_state, sources, rank, world)]
             t = time.time()
             outs = eng.generate([ev.build_messages(p, template) for p in batch], n=group_size, temperature=temperature,
                                 top_p=top_p, max_tokens=cap, stop=stop or None,
@@ -490,6 +544,14 @@ def main():
                  groups_var_frac=s["var"] / max(s["seen"], 1), sampling_rounds=s["rounds"] / world,
                  time_gen=mx["time_gen"], time_reward=mx["time_reward"], time_train=t_train, time_sync=t_sync,
                  time_step=time.time() - t_step, **{k: s[k] / n for k in s if k.startswith("behaviour/")})
+        if len(sources) > 1:  # reward and accuracy per data source over all sampled responses, summed over ranks
+            per = reduce(source_sums(seen, [name for name, *_ in sources]))
+            for name, *_ in sources:
+                n_src = per[f"n/{name}"]
+                m[f"source/{name}/responses"] = int(n_src)
+                if n_src:  # a source no prompt came from this step gets no reward entry
+                    m[f"source/{name}/reward_mean"] = per[f"reward/{name}"] / n_src
+                    m[f"source/{name}/accuracy"] = per[f"correct/{name}"] / n_src
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")

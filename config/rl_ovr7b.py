@@ -1,11 +1,14 @@
-# The OVR multimodal RL recipe (shared/notes/ovr_recipe.md §1.3) on one node of 8 GPUs, with GRPO in place
+# The OVR multimodal RL recipe (OVR paper, arXiv 2507.05255, §3.3, §4.1, App. B) on one node of 8 GPUs, with GRPO in place
 # of OVR's PPO + critic. 512 prompts x 16 samples, temperature 1.0, LR 1e-6 constant after 50 warm-up steps,
 # no KL, clip 0.2, binary reward, 0 for truncated responses, response cap 24k -> 32k (step 300) -> 48k (step 700).
 #   torchrun --standalone --nproc_per_node=8 rl.py config/rl_ovr7b.py
 #   torchrun --standalone --nproc_per_node=8 rl.py config/rl_ovr7b.py --resume=True
 init_from = "out/sft_ovr7b/hf"
 out_dir = "out/rl_ovr7b"
-data_path = "data/rl/train.jsonl"          # data/prepare_rl.py, then data/filter_difficulty.py
+# OVR trains RL on ~300k text and image prompts from 20+ sets (paper §3.3) and publishes no mixing ratio: half
+# ORZ's text problems, half the converted multimodal sets, each run through data/filter_difficulty.py first
+data_path = "data/rl/orz_57k_f.jsonl,data/rl/multimodal_f.jsonl"
+data_weights = [0.5, 0.5]
 eval_path = "data/eval/mathvision_mini.jsonl"
 template = "ovr"
 engine = "vllm"

@@ -2,24 +2,32 @@
 Convert the public benchmark releases into the one problem format eval.py reads (README, "Data formats"):
   {"id", "question", "answer", "images": [paths relative to the output file], "choices", "subject", "level", "source"}
 
-Download first (nothing here ships with the repo; the answer keys in ../shared/data are copies of these files):
-  MATH500     github.com/openai/prm800k: prm800k/math_splits/test.jsonl (500 problems, text only)
-  MathVision  github.com/mathllm/MATH-V: data/test.jsonl (3,040) and data/testmini.jsonl (304); the images
-              (images.zip, from the repo or the HF dataset MathLLMs/MathVision) unzipped to data/images/
+Download first (nothing here ships with the repo):
+  MATH500     github.com/openai/prm800k: prm800k/math_splits/test.jsonl (500 problems, text only; a Git LFS
+              file: clone with git-lfs installed, or `git lfs pull`, else the file is a 3-line pointer)
+  MathVision  either the GitHub repo mathllm/MATH-V (data/test.jsonl 3,040 and data/testmini.jsonl 304, the
+              images at the repo root in images/<id>.jpg), or the HF dataset MathLLMs/MathVision (parquet only:
+              data/test-*.parquet and data/testmini-*.parquet, the image bytes in a `decoded_image` column)
   MathVerse   HF dataset AI4Math/MathVerse: testmini.json (788 problems x 5 versions) and images.zip unzipped
               next to it (images_version_1-4/, images_version_5/, images_version_6/); testmini_text_only.json optional
 
 Commands (outputs go to data/eval/, which config/eval_ovr7b.py reads; --out=DIR to change):
-  python data/prepare_eval.py math500 PATH/prm800k/math_splits/test.jsonl  # -> math500.jsonl
-  python data/prepare_eval.py mathvision PATH/MATH-V/data      # -> mathvision.jsonl, mathvision_mini.jsonl
-  python data/prepare_eval.py mathverse PATH/MathVerse         # -> mathverse_<version>.jsonl (vision_only: headline)
-Images are not copied: the output records the path from the output folder to the downloaded image.
-(The CPU demo's held-out questions come from data/prepare_demo.py, already in this format.)
+  python data/prepare_eval.py math500 PATH/prm800k/prm800k/math_splits/test.jsonl  # -> math500.jsonl
+  python data/prepare_eval.py mathvision PATH/MATH-V              # the GitHub clone (its data/ folder works too)
+  python data/prepare_eval.py mathvision PATH/MathVision          # the HF download: images written to OUT/images/
+  python data/prepare_eval.py mathverse PATH/MathVerse            # -> mathverse_<version>.jsonl (vision_only: headline)
+MathVision writes mathvision.jsonl (test) and mathvision_mini.jsonl (testmini). Images given as files are not
+copied: the output records the path from the output folder to the downloaded image. Every output gets a
+<output>.manifest.json (source, counts, images not found). (The CPU demo's held-out questions come from
+data/prepare_demo.py, already in this format.)
 """
+import glob
 import json
 import os
 import re
 import sys
+
+from prepare_rl import read_rows as _read, save_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LETTERS = "ABCDEFGHIJ"
@@ -77,20 +85,37 @@ def convert_mathverse(rows, image_dir):
 
 
 def read_rows(path):
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):  # MathVerse ships JSON arrays, the others JSONL
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """JSONL, a JSON array (MathVerse) or parquet; a Git LFS pointer stops with what to do."""
+    return list(_read(path))
 
 
-def write_jsonl(problems, path):
+def mathvision_files(path):
+    """PATH (the MATH-V clone, its data/ folder, or the HF download) -> {split: (rows, image_dir)}, image_dir
+    relative to which the rows' `image` resolves. The GitHub rows say images/<id>.jpg from the repo root; the HF
+    rows carry the bytes, which are written under the output folder and their path put in `image`."""
+    data = path if os.path.exists(os.path.join(path, "test.jsonl")) else os.path.join(path, "data")
+    if os.path.exists(os.path.join(data, "test.jsonl")):
+        root = os.path.dirname(os.path.abspath(data))
+        return {s: (read_rows(os.path.join(data, f"{s}.jsonl")), root) for s in ("test", "testmini")}
+    shards = {s: sorted(glob.glob(os.path.join(path, "**", f"{s}-*.parquet"), recursive=True)) for s in ("test", "testmini")}
+    if not shards["test"]:
+        raise SystemExit(f"{path}: neither data/test.jsonl (github.com/mathllm/MATH-V) nor test-*.parquet "
+                         "(HF MathLLMs/MathVision) found")
+    return {s: ([dict(r, image=r.get("decoded_image")) for f in files for r in read_rows(f)], None)
+            for s, files in shards.items()}
+
+
+def write_jsonl(problems, path, source=""):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in problems)
     root = os.path.dirname(os.path.abspath(path))
-    missing = sum(not os.path.exists(os.path.join(root, im)) for p in problems for im in p["images"])
-    print(f"wrote {len(problems)} problems to {path}" + (f" ({missing} images not found yet)" if missing else ""))
+    missing = [im for p in problems for im in p["images"] if not os.path.exists(os.path.join(root, im))]
+    with open(path + ".manifest.json", "w") as f:
+        json.dump({"source": source, "output": os.path.abspath(path), "problems": len(problems),
+                   "with_images": sum(bool(p["images"]) for p in problems), "images_not_found": len(missing),
+                   "first_missing": missing[:5], "dropped": {}}, f, indent=1)
+    print(f"wrote {len(problems)} problems to {path}" + (f" ({len(missing)} images not found yet)" if missing else ""))
 
 
 if __name__ == "__main__":
@@ -98,19 +123,24 @@ if __name__ == "__main__":
     outs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")]
     kind = args[0] if args else ""
     out = outs[-1] if outs else os.path.join(REPO, "data", "eval")
+    if len(args) == 2 and not os.path.exists(args[1]):
+        sys.exit(f"{args[1]}: not found")
     if kind == "math500" and len(args) == 2:
-        write_jsonl(convert_math500(read_rows(args[1])), os.path.join(out, "math500.jsonl"))
+        write_jsonl(convert_math500(read_rows(args[1])), os.path.join(out, "math500.jsonl"), os.path.abspath(args[1]))
     elif kind == "mathvision" and len(args) == 2:
-        image_dir = os.path.relpath(args[1], out)
-        for split, name in (("test", "mathvision"), ("testmini", "mathvision_mini")):
-            rows = read_rows(os.path.join(args[1], f"{split}.jsonl"))
-            write_jsonl(convert_mathvision(rows, image_dir), os.path.join(out, f"{name}.jsonl"))
+        for split, (rows, root) in mathvision_files(args[1]).items():
+            if root is None:  # HF parquet: the image bytes go under the output folder
+                rows = [dict(r, image=save_image(r["image"]["bytes"], out, "mathvision") if r["image"] else None)
+                        for r in rows]
+            name = {"test": "mathvision", "testmini": "mathvision_mini"}[split]
+            write_jsonl(convert_mathvision(rows, os.path.relpath(root, out) if root else ""),
+                        os.path.join(out, f"{name}.jsonl"), os.path.abspath(args[1]))
     elif kind == "mathverse" and len(args) == 2:
         image_dir = os.path.relpath(args[1], out)
         rows = read_rows(os.path.join(args[1], "testmini.json"))
         text_only = os.path.join(args[1], "testmini_text_only.json")
         rows += read_rows(text_only) if os.path.exists(text_only) else []
         for version, problems in convert_mathverse(rows, image_dir).items():
-            write_jsonl(problems, os.path.join(out, f"mathverse_{version}.jsonl"))
+            write_jsonl(problems, os.path.join(out, f"mathverse_{version}.jsonl"), os.path.abspath(args[1]))
     else:
         sys.exit(__doc__)

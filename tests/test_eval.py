@@ -1,5 +1,5 @@
 # eval.py: scores from known responses, pass@k, multiple choice, resume, the behaviour detector, the LLM-judge
-# client against a local fake endpoint, the table and the plot; data/prepare_eval.py on the real answer keys.
+# client against a local fake endpoint, the table and the plot (data/prepare_eval.py: tests/test_data.py).
 import http.server
 import itertools
 import json
@@ -15,9 +15,6 @@ import pytest
 import eval as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data")
-sys.path.insert(0, os.path.join(ROOT, "data"))
-import prepare_eval  # noqa: E402
 
 
 class FakeEngine:
@@ -224,39 +221,6 @@ def test_markdown_table_and_plot_cli(tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "plot", str(run)], check=True, cwd=ROOT,
                    capture_output=True, timeout=120)
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_converters_on_answer_keys():
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "math500.jsonl"))[:2]
-    [p, _] = prepare_eval.convert_math500(rows)
-    assert p == {"id": "test/precalculus/807.json", "question": rows[0]["problem"], "answer": rows[0]["answer"],
-                 "images": [], "subject": "Precalculus", "level": 2, "source": "MATH500"}
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "mathvision_test.jsonl"))[:3]
-    free, mc, _ = prepare_eval.convert_mathvision(rows, "../MATH-V/data")
-    assert free["images"] == ["../MATH-V/data/images/1.jpg"] and "choices" not in free and free["answer"] == "60"
-    assert mc["choices"] == list("ABCDE") and mc["answer"] == "A" and mc["level"] == 2
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "mathverse_testmini_text_only.jsonl"))[:3]
-    rows.append(dict(rows[0], problem_version="Vision Only", question="", image="images_version_6/image_1.png"))
-    out = prepare_eval.convert_mathverse(rows, "../MathVerse")
-    p = out["text_only"][0]
-    assert p["question"].endswith("then the size of angle CED is ()")
-    assert p["choices"] == ["40°", "60°", "120°", "140°"]
-    assert p["answer"] == "D" and p["id"] == "1" and p["subject"] == "Plane Geometry"
-    [v] = out["vision_only"]
-    assert v["images"] == ["../MathVerse/images_version_6/image_1.png"] and "choices" not in v
-    assert v["question"] == "Answer the question shown in the image. Give the letter of the correct option."
-
-
-def test_converted_problem_runs_through_eval(tmp_path):
-    # converter output -> load_problems -> build_messages: the image path resolves against the JSONL folder
-    (tmp_path / "MATH-V" / "images").mkdir(parents=True)
-    (tmp_path / "MATH-V" / "images" / "2.jpg").write_bytes(b"")
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "mathvision_test.jsonl"))[1:2]
-    prepare_eval.write_jsonl(prepare_eval.convert_mathvision(rows, "../MATH-V"), str(tmp_path / "eval" / "mv.jsonl"))
-    [p] = ev.load_problems(str(tmp_path / "eval" / "mv.jsonl"))
-    content = ev.build_messages(p, "ovr")[0]["content"]
-    assert os.path.samefile(content[0]["image"], tmp_path / "MATH-V" / "images" / "2.jpg")
-    assert "Which bike is most expensive?" in content[1]["text"]
 
 
 def test_tiny_model_end_to_end(tmp_path, request):

@@ -250,22 +250,6 @@ def test_killed_and_resumed_run_logs_the_same_metrics(toy, tmp_path):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
 
 
-def test_prepare_geometry3k_layout(tmp_path):
-    from PIL import Image
-    src = tmp_path / "geometry3k" / "train"
-    for i, ans in [(0, "B"), (1, "D")]:
-        (src / str(i)).mkdir(parents=True)
-        (src / str(i) / "data.json").write_text(json.dumps(
-            {"id": i, "problem_text": f"Find x. ({i})", "choices": ["1", "2", "3", "4"], "answer": ans}))
-        Image.new("RGB", (30, 20)).save(src / str(i) / "img_diagram.png")
-    out = tmp_path / "rl" / "geo.jsonl"
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare_rl.py"), "geometry3k", str(src), str(out)], check=True)
-    rows = rl.load_data(str(out))
-    assert [(r["id"], r["answer"], r["choices"]) for r in rows] == [("geometry3k_0", "B", ["1", "2", "3", "4"]),
-                                                                    ("geometry3k_1", "D", ["1", "2", "3", "4"])]
-    assert os.path.samefile(rows[1]["images"][0], src / "1" / "img_diagram.png")
-
-
 def test_filter_difficulty_keeps_mixed_pass_rates(hf_tiny_dir, tmp_path):
     # the per-sample file is already complete, so the script samples nothing and only filters
     (tmp_path / "d").mkdir()
