@@ -46,6 +46,7 @@ class Stub(http.server.BaseHTTPRequestHandler):
 
 
 if not url:
+    http.server.ThreadingHTTPServer.request_queue_size = 1024  # the default listen backlog (5) drops bursts
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

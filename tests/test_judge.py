@@ -53,6 +53,11 @@ def test_decision_rule(gold, choices, answer_type, judged):
 # a local fault server: the model name in the request picks the behaviour; it counts requests and the
 # largest number in flight at once (its own measurement of concurrency, no wall-clock assertions)
 
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 would make a burst of requests wait for SYN retries
+    daemon_threads = True
+
+
 class Fault(http.server.BaseHTTPRequestHandler):
     lock = threading.Lock()
     in_flight = max_in_flight = requests = 0
@@ -111,8 +116,7 @@ def reset():
 
 @pytest.fixture(scope="module")
 def url():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fault)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), Fault)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
     server.shutdown()
