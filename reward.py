@@ -957,7 +957,7 @@ def _verdict(reply):
 def judge_call(question, pred, gold, url, model, timeout=30.0, max_tokens=8, retries=2, backoff=0.5, deadline=None,
                api_key=None, extra=None):
     """One verdict from the judge: (True | False | None, reason, seconds). None means no verdict, and reason
-    says why: "timeout", "unreachable", "http 500", "bad reply" (not the API's JSON), "unreadable" (neither
+    says why: "timeout", "unreachable", "http_500", "bad_reply" (not the API's JSON), "unreadable" (neither
     YES nor NO), "deadline". Timeouts, connection errors and HTTP 5xx / 429 are retried up to `retries`
     times after backoff * 2^k seconds; nothing runs past `deadline` (time.monotonic() seconds). Never raises."""
     t0 = time.monotonic()
@@ -970,14 +970,14 @@ def judge_call(question, pred, gold, url, model, timeout=30.0, max_tokens=8, ret
         try:
             reply = _judge_request(question, pred, gold, url, model, min(timeout, left), max_tokens, api_key, extra)
         except urllib.error.HTTPError as e:
-            reason = f"http {e.code}"
+            reason = f"http_{e.code}"
             if e.code < 500 and e.code != 429:  # a bad request or model name does not get better by retrying
                 break
         except (TimeoutError, urllib.error.URLError, OSError) as e:  # URLError wraps timeouts and refusals
             timed_out = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
             reason = "timeout" if timed_out else "unreachable"
         except (ValueError, KeyError, IndexError, TypeError):  # a 200 whose body is not the API's JSON
-            reason = "bad reply"
+            reason = "bad_reply"
             break
         else:
             v = _verdict(reply)

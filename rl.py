@@ -7,7 +7,8 @@ The variant, exactly (OVR/ORZ used PPO with a critic; this is the critic-free GR
 1. Rollouts: `prompts_per_step` prompts per step (over all ranks, each rank its own), `group_size`
    samples each at temperature 1.0 from the engine (vLLM on GPU, model.py's KV cache elsewhere).
 2. Reward: 1 if the last \\boxed{} matches the gold answer (reward.compute_reward, the verifier eval.py
-   scores with), else 0; scored in worker processes with a bounded time per response.
+   scores with), else 0; scored in worker processes with a bounded time per response. With judge_url set,
+   free-form golds go to a model judge instead (WeThink's hybrid reward; reward.py's judge section, README).
 3. Advantage: reward minus the group mean, divided by the group std (GRPO, scale_by_std=True) or not
    (Dr. GRPO). One scalar per response, put on each of its tokens.
 4. Dynamic sampling (DAPO): groups whose rewards are all equal carry no gradient and are dropped; new
@@ -304,6 +305,7 @@ def main():
     torch.manual_seed(seed + rank)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     assert overlong in ("mask", "zero"), f"overlong must be 'mask' or 'zero', got {overlong!r}"
+    assert not judge_url or judge_model, "judge_url is set: judge_model must name the judge's model"
     assert prompts_per_step % world == 0, f"prompts_per_step {prompts_per_step} must be a multiple of {world} ranks"
     ppr = prompts_per_step // world  # prompts per rank and generate call
     log(json.dumps(config))

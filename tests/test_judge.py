@@ -146,9 +146,9 @@ def closed_port_url():
     ("no", False, "no", 1),                 # "No." is a NO
     ("thinker", True, "yes", 1),            # the <think> block of a reasoning judge is skipped
     ("garbage", None, "unreadable", 1),     # a 200 with neither YES nor NO: not retried (temperature 0)
-    ("badjson", None, "bad reply", 1),
-    ("bad_request", None, "http 400", 1),   # a client error does not get better by retrying
-    ("error", None, "http 500", 3),         # retried: 1 + retries attempts
+    ("badjson", None, "bad_reply", 1),
+    ("bad_request", None, "http_400", 1),   # a client error does not get better by retrying
+    ("error", None, "http_500", 3),         # retried: 1 + retries attempts
 ])
 def test_verdicts_and_reasons(url, mode, verdict, reason, requests):
     reset()
@@ -239,7 +239,7 @@ def test_hybrid_rewards_format_weight_truncation_and_answer_type(url):
 
 def test_hybrid_rewards_failing_judge_gives_zero_and_counts(url, silent_url, caplog):
     resp, golds = zip(*BATCH)
-    for u, model, reason in ((url, "garbage", "unreadable"), (url, "error", "http 500"), (silent_url, "m", "timeout"),
+    for u, model, reason in ((url, "garbage", "unreadable"), (url, "error", "http_500"), (silent_url, "m", "timeout"),
                              (closed_port_url(), "m", "unreachable")):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="reward"):
@@ -353,7 +353,7 @@ def test_real_vllm_judge(vllm_url):
     assert v in (True, False) and why in ("yes", "no")
     free = judge_call("Why?", "it rained", "it was raining", vllm_url, "judge-tiny", timeout=60, retries=0)
     assert free[1] in ("yes", "no", "unreadable")  # a real reply went through the API and was parsed
-    assert judge_call("q", "a", "b", vllm_url, "no-such-model", timeout=60)[1] == "http 404"
+    assert judge_call("q", "a", "b", vllm_url, "no-such-model", timeout=60)[1] == "http_404"
     resp, golds = zip(*BATCH)
     rewards, _, info, st = hybrid_rewards(list(resp) * 4, list(golds) * 4, ["Why?"] * 24, workers=1,
                                           judge=dict(url=vllm_url, model="judge-tiny", timeout=60, extra=choice))
