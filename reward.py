@@ -979,6 +979,10 @@ def judge_call(question, pred, gold, url, model, timeout=30.0, max_tokens=8, ret
         except (ValueError, KeyError, IndexError, TypeError):  # a 200 whose body is not the API's JSON
             reason = "bad_reply"
             break
+        except Exception as e:  # anything else the server can cause (http.client.IncompleteRead, ...): no verdict
+            reason = "error"
+            log.debug("reward judge: %r", e)
+            break
         else:
             v = _verdict(reply)
             return v, ("yes" if v else "no") if v is not None else "unreadable", time.monotonic() - t0

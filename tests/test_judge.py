@@ -88,6 +88,13 @@ class Fault(http.server.BaseHTTPRequestHandler):
             self.send_response(500 if mode != "bad_request" else 400)
             self.end_headers()
             return
+        if mode == "truncated":  # promises more bytes than it sends, then hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"choices": ')
+            self.close_connection = True
+            return
         if mode == "echo":  # a fake judge: YES when the student's answer contains the reference, case aside
             gold = re.search(r"Reference answer: (.*)", prompt).group(1)
             pred = re.search(r"<<<(.*)>>>", prompt, re.S).group(1)
@@ -147,6 +154,7 @@ def closed_port_url():
     ("thinker", True, "yes", 1),            # the <think> block of a reasoning judge is skipped
     ("garbage", None, "unreadable", 1),     # a 200 with neither YES nor NO: not retried (temperature 0)
     ("badjson", None, "bad_reply", 1),
+    ("truncated", None, "bad_reply", 1),    # a body cut short: no verdict, no exception
     ("bad_request", None, "http_400", 1),   # a client error does not get better by retrying
     ("error", None, "http_500", 3),         # retried: 1 + retries attempts
 ])
