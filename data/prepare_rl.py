@@ -57,9 +57,12 @@ def parquet(src, out):
 # WeThink-Multimodal-Reasoning-120K (hf.co/datasets/yangjie-cv/WeThink_Multimodal_Reasoning_120K), with its own
 # arguments: one JSONL file, WeThink_Multimodal_Reasoning_120K.jsonl, whose records are (github.com/yangjie-cv/
 # WeThink, README "Dataset Download") {"problem", "answer", "category", "abilities", "refined_cot", "image_path",
-# "reward"}; `reward` names the record's reward method (rule-based or model-based). The images are not in it:
+# "reward"}; `reward` names the record's reward method (rule-based or model-based; the README gives no list of
+# values, so a value naming "model" goes to the judge, one naming "rule" to the rules, and anything else is
+# decided from the answer by reward.needs_judge, counted in the output). The images are not in it:
 # they are LLaVA-CoT-100k's (hf.co/datasets/Xkev/LLaVA-CoT-100k: cat image.zip.part-* > image.zip; unzip), and
-# image_path is relative to where that zip was unpacked. Free-form answers get "answer_type": "free_form"
+# image_path is read relative to --images, the folder it was unpacked into (a record whose image is not there is
+# skipped, counted and named in a warning). Free-form answers get "answer_type": "free_form"
 # (rl.py's judge scores them, README "RL with a model judge"); the rest "rule".
 #   python data/prepare_rl.py wethink PATH/WeThink_Multimodal_Reasoning_120K.jsonl data/rl/wethink.jsonl --images=PATH/llava_cot
 
