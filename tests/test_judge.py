@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from reward import hybrid_rewards, judge_batch, judge_call, needs_judge
+from reward import compute_reward, hybrid_rewards, judge_batch, judge_call, needs_judge
 from test_rl import TOY, toy  # noqa: F401 (a fixture: the toy model that answers \\boxed{d})
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,6 +243,15 @@ def test_hybrid_rewards_format_weight_truncation_and_answer_type(url):
     # 0.8 * correct + 0.2 * format (think 1 + boxed 1) / 2; truncated -> 0; "seven" vs 7: judged, echo says NO
     assert rewards == pytest.approx([1.0, 0.0, 0.8 * 0 + 0.2 * 0.5]) and correct == [1.0, 0.0, 0.0]
     assert st["judged"] == 2
+
+
+def test_hybrid_rewards_without_judge_equal_compute_reward():
+    # judge off, rl.py's reward is unchanged: the same numbers as reward.compute_reward one by one
+    resp = [r for r, _ in BATCH] + ["<think>x</think>\\boxed{4}", "no think \\boxed{4}", "<think>y</think> 4"]
+    golds = [g for _, g in BATCH] + ["4", "4", "4"]
+    trunc = [False] * 7 + [True, False]
+    got = hybrid_rewards(resp, golds, ["q"] * 9, truncated=trunc, format_weight=0.25, workers=1)[0]
+    assert got == [compute_reward(r, g, truncated=t, format_weight=0.25) for r, g, t in zip(resp, golds, trunc)]
 
 
 def test_hybrid_rewards_failing_judge_gives_zero_and_counts(url, silent_url, caplog):
