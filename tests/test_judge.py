@@ -63,6 +63,8 @@ class Fault(http.server.BaseHTTPRequestHandler):
     in_flight = max_in_flight = requests = 0
     seen = []            # (model, prompt) of every request
     flaky_left = 0       # "flaky": this many 500s before answering YES
+    gate = threading.Condition(lock)
+    gate_open = False
 
     def do_POST(self):
         cls = Fault
@@ -80,10 +82,16 @@ class Fault(http.server.BaseHTTPRequestHandler):
         finally:
             with cls.lock:
                 cls.in_flight -= 1
+                cls.gate_open = cls.gate_open and cls.in_flight > 0  # the last one out closes the gate
 
     def answer(self, mode, prompt, flaky):
         if mode.startswith("sleep"):  # sleep<seconds>, then YES
             time.sleep(float(mode[5:]))
+        if mode.startswith("gate"):  # gate<k>: hold each request until k are in flight (at most 10 s), then YES
+            with Fault.gate:
+                Fault.gate.notify_all()
+                Fault.gate.wait_for(lambda: Fault.in_flight >= int(mode[4:]) or Fault.gate_open, timeout=10)
+                Fault.gate_open = True  # the group is complete: let it through
         if mode in ("error", "bad_request") or flaky:
             self.send_response(500 if mode != "bad_request" else 400)
             self.end_headers()
@@ -189,13 +197,14 @@ def test_deadline_ends_retries(url):
 
 
 def test_batch_runs_concurrently_and_bounded(url):
+    # the server holds requests until 12 (then 4) are inside at once: sequential calls would never get there
     items = [(f"q{i}", "a", "b") for i in range(12)]
     reset()
-    out = judge_batch(items, url, "sleep0.5", concurrency=12, timeout=10.0)
+    out = judge_batch(items, url, "gate12", concurrency=12, timeout=30.0)
     assert [v for v, _, _ in out] == [True] * 12
     assert Fault.max_in_flight == 12  # all twelve were in the server at the same time: one round trip
     reset()
-    judge_batch(items, url, "sleep0.2", concurrency=4, timeout=10.0)
+    judge_batch(items, url, "gate4", concurrency=4, timeout=30.0)
     assert Fault.max_in_flight == 4 and Fault.requests == 12  # never more than `concurrency` at once
 
 
