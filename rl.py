@@ -85,16 +85,16 @@ max_sampling_rounds = 3         # generate calls per rank and step at most, each
 format_weight = 0.0             # 0: binary correctness (OVR); see reward.compute_reward
 reward_workers = 4              # scoring processes per rank
 reward_timeout = 2.0            # seconds per response; a response over it scores 0
-# reward: the model judge for free-form golds (WeThink's hybrid reward; decision rule and prompt: reward.py's judge section)
-judge_url = ""                  # OpenAI-compatible base URL ending in /v1 (`vllm serve` on its own GPU); "" = off. Key: $OPENAI_API_KEY
+# reward: a model judge for free-form golds (WeThink's hybrid reward; rule and prompt: reward.py's judge section)
+judge_url = ""                  # OpenAI-compatible base URL ending in /v1; "" = off. Key (if any): $OPENAI_API_KEY
 judge_model = ""                # the model name the server answers to (vllm serve --served-model-name)
 judge_concurrency = 32          # judge requests in flight per rank
 judge_timeout = 30.0            # seconds per request attempt
-judge_retries = 2               # more attempts after a timeout, refused connection, HTTP 5xx or 429 (backoff 0.5 s, 1 s, ...)
+judge_retries = 2               # more attempts after a timeout, refusal, HTTP 5xx or 429 (backoff 0.5 s, 1 s, ...)
 judge_step_timeout = 120.0      # seconds: every judge call of a scoring round ends by then; no verdict = reward 0
 judge_max_tokens = 8            # reply tokens; the verdict is one word (more for a judge that thinks first)
 judge_extra = {}                # extra request fields, e.g. {"structured_outputs": {"choice": ["YES", "NO"]}} for vLLM
-judge_audit = 0.0               # fraction of rule-checked responses the judge also sees, for judge/audit_agreement (no reward effect)
+judge_audit = 0.0               # share of rule-checked responses also judged, for judge/audit_agreement (reward: rules')
 # algorithm
 scale_by_std = True             # advantage / group std (GRPO); False: Dr. GRPO
 eps_low = 0.2                   # ratio clip at 1 - eps_low
@@ -515,7 +515,8 @@ def main():
             calls = js["judged"] + js["audited"]
             m.update({"judge/share": js["judged"] / n, "judge/yes": js["judge_yes"] / max(js["judged"], 1),
                       "judge/failures": int(js["judge_failed"]), "judge/timeouts": int(js["judge_timeouts"]),
-                      "judge/latency_mean": js["judge_seconds"] / max(calls, 1), "judge/latency_max": jmax["judge_seconds_max"],
+                      "judge/latency_mean": js["judge_seconds"] / max(calls, 1),
+                      "judge/latency_max": jmax["judge_seconds_max"],
                       **{f"judge/{k[6:]}": judged[k] for k in fail_keys}})
             if judge_audit:
                 m.update({"judge/audited": int(js["audited"]),
@@ -532,7 +533,8 @@ def main():
                 f.write(json.dumps(m) + "\n")
             if log_rollouts_every and step % log_rollouts_every == 0:
                 with open(rollouts_path, "a") as f:
-                    for g, c, r, jg in [(g, *x) for g in seen for x in zip(g["completions"], g["rewards"], g["judge"])][:log_rollouts]:
+                    dump = [(g, *x) for g in seen for x in zip(g["completions"], g["rewards"], g["judge"])]
+                    for g, c, r, jg in dump[:log_rollouts]:
                         f.write(json.dumps({"step": step, "id": g["problem"]["id"], "question": g["problem"]["question"],
                                             "answer": g["problem"]["answer"], "reward": r, "finish_reason": c.finish_reason,
                                             "num_tokens": len(c.token_ids), "response": c.text}
