@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from fractions import Fraction
 from functools import lru_cache
@@ -884,24 +885,29 @@ def compute_reward(response, gold, choices=None, truncated=False, format_weight=
     response = response or ""
     pred = extract_answer(response.split("</think>")[-1])  # after the thinking, if there is any
     correct = float(pred is not None and is_equiv(pred, gold, choices))
-    if not correct and judge and pred is not None and not _rule_checkable(gold, choices):
+    if not correct and judge and pred is not None and needs_judge(gold, choices):
         correct = float(judge_equiv(question, pred, gold, **judge))
     if format_weight:
         return (1 - format_weight) * correct + format_weight * _format_ok(response)
     return correct
 
 
-def _rule_checkable(gold, choices=None):
-    """False for free-form text golds (a sentence, a name list): the judge's territory."""
-    g = _answer_text(str(gold))
-    if choices or _choice_letter(g):
-        return True
-    vals = _values(g)
-    return bool(vals) and not any(v[0] == "text" and len(v[1].split()) > 1 for v in vals)
-
-
 # -----------------------------------------------------------------------------
-# hybrid reward (WeThink): an LLM judge behind any OpenAI-compatible endpoint, for free-form golds
+# hybrid reward (WeThink): a model judge behind any OpenAI-compatible endpoint, for free-form golds
+#
+# WeThink (arXiv 2506.07905; github.com/yangjie-cv/WeThink) trains on QA whose answers are often sentences,
+# and each of its problems names its reward method (its `reward` field): rule verification where the
+# answer can be checked, a model judge where it cannot. Reviewers of the paper's later version describe
+# multiple-choice and fill-in-the-blank items as rule-checked, descriptive ones as judged (DeepSeek-V3);
+# the judge prompt itself is not public, the one below is ours.
+#
+# The decision rule, one per problem (needs_judge):
+#   1. the problem's own "answer_type" wins: "free_form" -> judge; anything else ("rule", "choice", ...) -> rules;
+#   2. multiple choice (choices given, or the gold is a letter) -> rules;
+#   3. a gold whose text outside math has two or more words (of 3+ letters) -> judge: "the bridge was closed",
+#      "red and green", "New York";
+#   4. everything else -> rules: numbers (with units), expressions, equations, intervals, sets, single words.
+# A judged response still gets the rules first: an exact match scores 1 without a judge call.
 
 JUDGE_PROMPT = """You compare a student's final answer with the reference answer to a question.
 Reply with one word: YES if the student's answer means the same as the reference answer, NO otherwise.
@@ -912,26 +918,161 @@ Reference answer: {gold}
 Student's answer: <<<{pred}>>>
 Same meaning (YES or NO)?"""
 
+_MATH_WORDS = {"and", "sqrt", "frac", "dfrac", "tfrac", "infty", "cdot", "times", "text", "mathrm", "left", "right",
+               "sin", "cos", "tan", "log", "exp", "cup", "cap", "leq", "geq", "neq", "circ", "degrees", "pmatrix",
+               "begin", "end", "boxed"}
 
-def judge_equiv(question, pred, gold, url, model, timeout=10.0, api_key=None):
-    """One chat call to url (e.g. http://127.0.0.1:8000/v1 from `vllm serve`); True only on a clear YES.
-    A timeout, an HTTP error or an unreadable reply logs one line and counts as False."""
-    body = {"model": model, "temperature": 0.0, "max_tokens": 4, "messages": [{"role": "user", "content":
-            JUDGE_PROMPT.format(question=str(question)[:2000], gold=str(gold)[:500], pred=str(pred)[:500])}]}
+
+def needs_judge(gold, choices=None, answer_type=None):
+    """True where the gold is free-form text that no rule can check (the decision rule above)."""
+    if answer_type:
+        return str(answer_type).lower() in ("free_form", "free-form", "freeform", "model")
+    g = str(gold).strip()
+    if choices or _choice_letter(g):
+        return False
+    prose = re.sub(r"\$[^$]*\$|\\\(.*?\\\)|\\\[.*?\\\]", " ", g)  # inline and display math spans
+    prose = re.sub(r"\\[a-zA-Z]+", " ", prose)  # LaTeX commands (\text{odd} keeps its word)
+    words = [w for w in re.findall(r"[A-Za-z]{3,}", prose) if w.lower() not in _MATH_WORDS]
+    return len(words) >= 2
+
+
+def _judge_request(question, pred, gold, url, model, timeout, max_tokens, api_key, extra):
+    body = {"model": model, "temperature": 0.0, "max_tokens": max_tokens, **(extra or {}), "messages": [
+        {"role": "user", "content": JUDGE_PROMPT.format(question=str(question)[:2000], gold=str(gold)[:500],
+                                                         pred=str(pred)[:500])}]}
     req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            reply = json.loads(r.read(1 << 20))["choices"][0]["message"]["content"]
-    except Exception as e:  # network, timeout, bad JSON: the judge is optional, the run goes on
-        log.warning("reward judge: no verdict from %s (%s: %s) -> reward 0", url, type(e).__name__, e)
-        return False
-    word = re.sub(r"[^A-Z]", "", str(reply).strip().split()[0].upper()) if str(reply).strip() else ""
-    if word not in ("YES", "NO"):
-        log.warning("reward judge: unreadable reply %r from %s -> reward 0", str(reply)[:80], url)
-        return False
-    return word == "YES"
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read(1 << 20))["choices"][0]["message"]["content"]
+
+
+def _verdict(reply):
+    """YES -> True, NO -> False, anything else -> None. A reasoning judge's <think> block is skipped."""
+    text = re.sub(r"<think>.*?</think>", " ", str(reply or ""), flags=re.S).strip()
+    word = re.sub(r"[^A-Z]", "", text.split()[0].upper()) if text else ""
+    return {"YES": True, "NO": False}.get(word)
+
+
+def judge_call(question, pred, gold, url, model, timeout=30.0, max_tokens=8, retries=2, backoff=0.5, deadline=None,
+               api_key=None, extra=None):
+    """One verdict from the judge: (True | False | None, reason, seconds). None means no verdict, and reason
+    says why: "timeout", "unreachable", "http_500", "bad_reply" (not the API's JSON), "unreadable" (neither
+    YES nor NO), "deadline". Timeouts, connection errors and HTTP 5xx / 429 are retried up to `retries`
+    times after backoff * 2^k seconds; nothing runs past `deadline` (time.monotonic() seconds). Never raises."""
+    t0 = time.monotonic()
+    deadline = deadline or t0 + (retries + 1) * (timeout + backoff * 2 ** retries)
+    reason = "deadline"
+    for attempt in range(retries + 1):
+        left = deadline - time.monotonic()
+        if left < 0.05:
+            break
+        try:
+            reply = _judge_request(question, pred, gold, url, model, min(timeout, left), max_tokens, api_key, extra)
+        except urllib.error.HTTPError as e:
+            reason = f"http_{e.code}"
+            if e.code < 500 and e.code != 429:  # a bad request or model name does not get better by retrying
+                break
+        except (TimeoutError, urllib.error.URLError, OSError) as e:  # URLError wraps timeouts and refusals
+            timed_out = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+            reason = "timeout" if timed_out else "unreachable"
+        except (ValueError, KeyError, IndexError, TypeError):  # a 200 whose body is not the API's JSON
+            reason = "bad_reply"
+            break
+        except Exception as e:  # anything else the server can cause (http.client.IncompleteRead, ...): no verdict
+            reason = "error"
+            log.debug("reward judge: %r", e)
+            break
+        else:
+            v = _verdict(reply)
+            return v, ("yes" if v else "no") if v is not None else "unreadable", time.monotonic() - t0
+        time.sleep(max(0.0, min(backoff * 2 ** attempt, deadline - time.monotonic())))
+    return None, reason, time.monotonic() - t0
+
+
+def judge_equiv(question, pred, gold, url, model, timeout=10.0, api_key=None, **kw):
+    """One judge call as a bool: True only on a clear YES; no verdict logs one line and counts as False."""
+    v, reason, _ = judge_call(question, pred, gold, url, model, timeout=timeout, api_key=api_key, **kw)
+    if v is None:
+        log.warning("reward judge: no verdict from %s (%s) -> reward 0", url, reason)
+    return bool(v)
+
+
+def judge_batch(items, url, model, concurrency=16, step_timeout=120.0, **kw):
+    """Verdicts for items [(question, pred, gold), ...], `concurrency` requests in flight at once, so a batch
+    costs about one round trip per `concurrency` items, not one per item. Every call ends by step_timeout
+    seconds from now (a call still running then gets reason "deadline"). [(verdict, reason, seconds), ...]."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+    if not items:
+        return []
+    t0 = time.monotonic()
+    deadline = t0 + step_timeout
+    pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items))), thread_name_prefix="judge")
+    futures = [pool.submit(judge_call, q, p, g, url, model, deadline=deadline, **kw) for q, p, g in items]
+    wait(futures, timeout=step_timeout + 1.0)  # the calls themselves stop at the deadline; +1 s for the last reply
+    pool.shutdown(wait=False, cancel_futures=True)  # a straggler ends by its own socket timeout, off this thread
+    return [f.result() if f.done() and not f.cancelled() else (None, "deadline", time.monotonic() - t0) for f in futures]
+
+
+def hybrid_rewards(responses, golds, questions, choices=None, truncated=None, answer_types=None, judge=None,
+                   format_weight=0.0, audit=0.0, seed=0, workers=2, timeout=2.0):
+    """The RL reward with a judge: rules for every response (batch_rewards' process pool), then one concurrent
+    judge_batch for the responses to free-form golds the rules did not accept, plus an audit sample.
+    judge: dict(url=, model=, concurrency=, step_timeout=, timeout=, retries=, max_tokens=, api_key=, extra=),
+    or None (rules only). audit: the fraction of rule-checked responses (with an answer) also sent to the
+    judge; their reward stays the rules', and judge/rules agreement is counted (a cheap check of the judge).
+    Returns rewards, correct (0/1), per-response info (None, or {"verdict", "reason", "seconds"} for judged
+    ones) and counts: responses, judged, judge_yes, judge_failed, judge_timeouts, judge_seconds (sum),
+    judge_seconds_max, audited, audit_agree, failure reasons as "judge_fail/<reason>"."""
+    import random
+    n = len(responses)
+    choices, truncated = choices or [None] * n, truncated or [False] * n
+    answer_types = answer_types or [None] * n
+    correct = batch_rewards(responses, golds, choices, truncated, workers=workers, timeout=timeout)
+    route = {}  # the decision per problem, not per response
+    to_judge, audit_idx = [], []
+    rng = random.Random(seed)
+    for i in range(n):
+        key = (str(golds[i]), str(choices[i]), answer_types[i])
+        if key not in route:
+            route[key] = needs_judge(golds[i], choices[i], answer_types[i])
+        if truncated[i] or not judge:
+            continue
+        pred = extract_answer((responses[i] or "").split("</think>")[-1])
+        if pred is None:
+            continue
+        if route[key] and not correct[i]:
+            to_judge.append((i, pred))
+        elif not route[key] and audit and rng.random() < audit:
+            audit_idx.append((i, pred))
+    calls = to_judge + audit_idx
+    cfg = dict(judge or {})
+    url, model = cfg.pop("url", ""), cfg.pop("model", "")
+    verdicts = judge_batch([(questions[i], p, golds[i]) for i, p in calls], url, model, **cfg) if calls else []
+    stats = dict(responses=n, judged=len(to_judge), judge_yes=0, judge_failed=0, judge_timeouts=0, judge_seconds=0.0,
+                 judge_seconds_max=0.0, audited=0, audit_agree=0)
+    info = [None] * n
+    for k, ((i, _), (v, reason, sec)) in enumerate(zip(calls, verdicts)):
+        stats["judge_seconds"] += sec
+        stats["judge_seconds_max"] = max(stats["judge_seconds_max"], sec)
+        if v is None:
+            stats["judge_failed"] += 1
+            stats["judge_timeouts"] += reason in ("timeout", "deadline")
+            stats[f"judge_fail/{reason}"] = stats.get(f"judge_fail/{reason}", 0) + 1
+        if k < len(to_judge):
+            info[i] = {"verdict": reason, "seconds": round(sec, 3)}
+            correct[i] = float(bool(v))
+            stats["judge_yes"] += bool(v)
+        elif v is not None:  # audit: the judge's verdict against the rules', reward unchanged
+            stats["audited"] += 1
+            stats["audit_agree"] += v == bool(correct[i])
+    fails = {k: v for k, v in stats.items() if k.startswith("judge_fail/")}
+    if fails:
+        log.warning("reward judge: %d of %d calls gave no verdict (%s) -> reward 0", stats["judge_failed"], len(calls),
+                    ", ".join(f"{k[11:]}: {v}" for k, v in sorted(fails.items())))
+    rewards = [0.0 if t else (1 - format_weight) * c + format_weight * _format_ok(r or "") if format_weight else c
+               for r, c, t in zip(responses, correct, truncated)]
+    return rewards, correct, info, stats
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ The variant, exactly (OVR/ORZ used PPO with a critic; this is the critic-free GR
 1. Rollouts: `prompts_per_step` prompts per step (over all ranks, each rank its own), `group_size`
    samples each at temperature 1.0 from the engine (vLLM on GPU, model.py's KV cache elsewhere).
 2. Reward: 1 if the last \\boxed{} matches the gold answer (reward.compute_reward, the verifier eval.py
-   scores with), else 0; scored in worker processes with a bounded time per response.
+   scores with), else 0; scored in worker processes with a bounded time per response. With judge_url set,
+   free-form golds go to a model judge instead (WeThink's hybrid reward; reward.py's judge section, README).
 3. Advantage: reward minus the group mean, divided by the group std (GRPO, scale_by_std=True) or not
    (Dr. GRPO). One scalar per response, put on each of its tokens.
 4. Dynamic sampling (DAPO): groups whose rewards are all equal carry no gradient and are dropped; new
@@ -86,6 +87,16 @@ max_sampling_rounds = 3         # generate calls per rank and step at most, each
 format_weight = 0.0             # 0: binary correctness (OVR); see reward.compute_reward
 reward_workers = 4              # scoring processes per rank
 reward_timeout = 2.0            # seconds per response; a response over it scores 0
+# reward: a model judge for free-form golds (WeThink's hybrid reward; rule and prompt: reward.py's judge section)
+judge_url = ""                  # OpenAI-compatible base URL ending in /v1; "" = off. Key (if any): $OPENAI_API_KEY
+judge_model = ""                # the model name the server answers to (vllm serve --served-model-name)
+judge_concurrency = 32          # judge requests in flight per rank
+judge_timeout = 30.0            # seconds per request attempt
+judge_retries = 2               # more attempts after a timeout, refusal, HTTP 5xx or 429 (backoff 0.5 s, 1 s, ...)
+judge_step_timeout = 120.0      # seconds: every judge call of a scoring round ends by then; no verdict = reward 0
+judge_max_tokens = 8            # reply tokens; the verdict is one word (more for a judge that thinks first)
+judge_extra = {}                # extra request fields, e.g. {"structured_outputs": {"choice": ["YES", "NO"]}} for vLLM
+judge_audit = 0.0               # share of rule-checked responses also judged, for judge/audit_agreement (reward: rules')
 # algorithm
 scale_by_std = True             # advantage / group std (GRPO); False: Dr. GRPO
 eps_low = 0.2                   # ratio clip at 1 - eps_low
@@ -268,15 +279,25 @@ def next_prompts(k, state, n, rank, world):
     return out
 
 
-def score(batch, outs):
+def score(batch, outs, seed=0):
     """Reward and correctness of every response, flat in prompt order, from reward.py's process pool (a
-    call over reward_timeout seconds scores 0, so a hostile response cannot hang the step)."""
+    call over reward_timeout seconds scores 0, so a hostile response cannot hang the step); with judge_url
+    set, free-form golds also go to the judge (reward.hybrid_rewards), all of a round's calls at once.
+    Also returns per-response judge info (None where the rules decided) and the round's judge counts."""
     flat = [(p, c) for p, cs in zip(batch, outs) for c in cs]
     texts, golds = [c.text for _, c in flat], [p["answer"] for p, _ in flat]
     kw = dict(choices=[p.get("choices") for p, _ in flat], truncated=[c.finish_reason == "length" for _, c in flat],
               workers=reward_workers, timeout=reward_timeout)
+    if judge_url:
+        judge = dict(url=judge_url, model=judge_model, concurrency=judge_concurrency, timeout=judge_timeout,
+                     retries=judge_retries, step_timeout=judge_step_timeout, max_tokens=judge_max_tokens,
+                     extra=judge_extra, api_key=os.environ.get("OPENAI_API_KEY"))
+        return reward.hybrid_rewards(texts, golds, [p["question"] for p, _ in flat], judge=judge, audit=judge_audit,
+                                     answer_types=[p.get("answer_type") for p, _ in flat], format_weight=format_weight,
+                                     seed=seed, **kw)
     rewards = reward.batch_rewards(texts, golds, format_weight=format_weight, **kw)
-    return rewards, reward.batch_rewards(texts, golds, **kw) if format_weight else rewards
+    correct = reward.batch_rewards(texts, golds, **kw) if format_weight else rewards
+    return rewards, correct, [None] * len(flat), {}
 
 
 def build_sample(prompt, completion, adv):
@@ -336,6 +357,7 @@ def main():
     torch.manual_seed(seed + rank)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     assert overlong in ("mask", "zero"), f"overlong must be 'mask' or 'zero', got {overlong!r}"
+    assert not judge_url or judge_model, "judge_url is set: judge_model must name the judge's model"
     assert prompts_per_step % world == 0, f"prompts_per_step {prompts_per_step} must be a multiple of {world} ranks"
     ppr = prompts_per_step // world  # prompts per rank and generate call
     log(json.dumps(config))
@@ -441,7 +463,7 @@ def main():
 
         # ---- 1-2. rollouts and rewards; dynamic sampling keeps groups with unequal rewards
         t_step, t_gen, t_rew = time.time(), 0.0, 0.0
-        seen, kept, rounds = [], [], 0
+        seen, kept, rounds, judged = [], [], 0, {}
         while rounds < (max_sampling_rounds if dynamic_sampling else 1) and len(kept) < ppr:
             batch = [problems[i] for i in next_mixed(ppr, data_state, sources, rank, world)]
             t = time.time()
@@ -449,11 +471,13 @@ def main():
                                 top_p=top_p, max_tokens=cap, stop=stop or None,
                                 seed=hash((seed, step, rounds, rank)) % 2**31)
             t_gen, t = t_gen + time.time() - t, time.time()
-            rewards, correct = score(batch, outs)
+            rewards, correct, jinfo, jstats = score(batch, outs, seed=hash((seed, step, rounds, rank)) % 2**31)
             t_rew += time.time() - t
+            for k, v in jstats.items():  # judge counts over the step's rounds (sums; the max stays a max)
+                judged[k] = max(judged.get(k, 0), v) if k == "judge_seconds_max" else judged.get(k, 0) + v
             for j, (p, cs) in enumerate(zip(batch, outs)):
                 sl = slice(j * group_size, (j + 1) * group_size)
-                g = dict(problem=p, completions=cs, rewards=rewards[sl], correct=correct[sl])
+                g = dict(problem=p, completions=cs, rewards=rewards[sl], correct=correct[sl], judge=jinfo[sl])
                 seen.append(g)
                 if not dynamic_sampling or len(set(g["rewards"])) > 1:
                     kept.append(g)
@@ -537,6 +561,20 @@ def main():
                      "adv_max": max(advs, default=0.0), "adv_min": -min(advs, default=0.0), "time_reward": t_rew},
                     dist.ReduceOp.MAX)
         n, na = max(s["n"], 1), max(s["n_adv"], 1)
+        if judge_url:  # judge/*: share of responses judged, latency, calls without a verdict and why, audit
+            jk = ["judged", "judge_yes", "judge_failed", "judge_timeouts", "judge_seconds", "audited", "audit_agree"]
+            fail_keys = sorted({k for k in judged if k.startswith("judge_fail/")})  # differs by rank: not reduced
+            js = reduce({k: judged.get(k, 0) for k in jk})
+            jmax = reduce({"judge_seconds_max": judged.get("judge_seconds_max", 0.0)}, dist.ReduceOp.MAX)
+            calls = js["judged"] + js["audited"]
+            m.update({"judge/share": js["judged"] / n, "judge/yes": js["judge_yes"] / max(js["judged"], 1),
+                      "judge/failures": int(js["judge_failed"]), "judge/timeouts": int(js["judge_timeouts"]),
+                      "judge/latency_mean": js["judge_seconds"] / max(calls, 1),
+                      "judge/latency_max": jmax["judge_seconds_max"],
+                      **{f"judge/{k[6:]}": judged[k] for k in fail_keys}})
+            if judge_audit:
+                m.update({"judge/audited": int(js["audited"]),
+                          "judge/audit_agreement": js["audit_agree"] / js["audited"] if js["audited"] else None})
         m.update(lr=lr_at(step), max_tokens=cap, reward_mean=s["reward"] / n, accuracy=s["correct"] / n,
                  response_len_mean=s["len"] / n, response_len_max=mx["len_max"], truncated=s["trunc"] / n,
                  **{k: s[k] for k in tr}, adv_mean=s["adv"] / na, adv_max=mx["adv_max"], adv_min=-mx["adv_min"],
@@ -557,10 +595,12 @@ def main():
                 f.write(json.dumps(m) + "\n")
             if log_rollouts_every and step % log_rollouts_every == 0:
                 with open(rollouts_path, "a") as f:
-                    for g, c, r in [(g, c, r) for g in seen for c, r in zip(g["completions"], g["rewards"])][:log_rollouts]:
+                    dump = [(g, *x) for g in seen for x in zip(g["completions"], g["rewards"], g["judge"])]
+                    for g, c, r, jg in dump[:log_rollouts]:
                         f.write(json.dumps({"step": step, "id": g["problem"]["id"], "question": g["problem"]["question"],
                                             "answer": g["problem"]["answer"], "reward": r, "finish_reason": c.finish_reason,
-                                            "num_tokens": len(c.token_ids), "response": c.text}) + "\n")
+                                            "num_tokens": len(c.token_ids), "response": c.text}
+                                           | ({"judge": jg} if jg else {})) + "\n")
             if wandb_project:
                 wandb.log(m, step=step)
         pbar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.3f}", len=f"{m['response_len_mean']:.0f}",
