@@ -9,7 +9,8 @@ in the official Hugging Face layout (so transformers and vLLM load what we write
     python model.py tiny out/tiny                            # a tiny random model + tokenizer, offline
 
 The module tree mirrors the official checkpoint names (`model.layers.*`, `visual.*`, `lm_head.*`),
-so `state_dict()` is the checkpoint. Facts and shapes: shared/notes/qwen25vl.md.
+so `state_dict()` is the checkpoint. Facts and shapes: transformers' modeling_qwen2_5_vl.py and
+the Qwen2.5-VL technical report (arXiv:2502.13923).
 """
 
 import ast
@@ -720,6 +721,82 @@ def official_name(name):
     if name.startswith("model.visual."):
         return name[len("model."):]
     return name
+
+
+# -----------------------------------------------------------------------------
+# sharded loading (sft.py and rl.py under torchrun): no rank ever holds the whole model.
+# The torchtitan recipe: build the module on the meta device (shapes, no storage), let the caller shard
+# it with fully_shard (FSDP2 splits every parameter along dim 0 into world_size chunks, torch.chunk
+# style), allocate only the local chunks (to_empty), then read each rank's rows of every tensor from
+# the safetensors files with safe_open's get_slice, which touches just those rows of the mmap.
+# Peak memory per rank is its shard plus one tensor's slice (bench/bench_memory.py measures it).
+
+
+def meta_model(path, dtype=torch.float32):
+    """The QwenVL of an HF dir on the meta device, parameters in `dtype`: the module tree, no memory.
+    Shard it (fully_shard), then fill it with load_sharded."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = QwenVLConfig.from_hf(json.load(f))
+    with torch.device("meta"):
+        model = QwenVL(config).to(dtype)  # a tied lm_head is the embedding's Parameter object, and stays it
+    model.source_path = path  # save_pretrained copies the preprocessor/generation configs from here
+    return model
+
+
+def checkpoint_keys(path):
+    """{official tensor name: (safetensors file, the name in that file)} of an HF dir, one file or sharded."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt", device="cpu") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    return {official_name(k): (os.path.join(path, fn), k) for k, fn in weight_map.items()}
+
+
+def local_rows(n, rank, world):
+    """Rows [start, end) of a dim-0 length n that FSDP2's Shard(0) gives `rank`: torch.chunk into world
+    pieces of ceil(n / world) rows; the last ranks may get fewer rows, or none."""
+    size = -(-n // world)
+    return min(rank * size, n), min((rank + 1) * size, n)
+
+
+def load_sharded(model, path, device="cpu"):
+    """Fill a meta_model, sharded by fully_shard or not at all, with the weights of the HF dir `path`
+    (cast to the parameters' dtype), each rank reading only the rows of its own shards."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+    keys = checkpoint_keys(path)
+    model.to_empty(device=device)  # under FSDP2 this allocates each rank's chunks only (DTensor local tensors)
+    if model.config.tie_word_embeddings:  # without FSDP, to_empty made two new Parameters of the tied one
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters())  # taken after to_empty, which may replace the Parameter objects
+    missing, unexpected = params.keys() - keys.keys(), keys.keys() - params.keys() - {"lm_head.weight"}
+    assert not missing and not unexpected, \
+        f"{path}: checkpoint does not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+    # QwenVL keeps no buffers (the RoPE frequencies are computed: rope_inv_freq), so every byte of to_empty's
+    # uninitialised memory is overwritten below. A buffer added to the model would need its own init here.
+    assert not list(model.buffers()), "load_sharded: the model has buffers now; initialise them after to_empty"
+    by_file = {}
+    for name in params:
+        by_file.setdefault(keys[name][0], []).append(name)
+    with torch.no_grad():
+        for fn, names in by_file.items():
+            with safe_open(fn, framework="pt", device="cpu") as f:
+                for name in names:
+                    p, local = params[name], params[name]
+                    start, end = 0, p.shape[0]
+                    if isinstance(p, DTensor):
+                        assert p.placements == (Shard(0),), f"{name}: expected FSDP2's Shard(0), got {p.placements}"
+                        local = p.to_local()
+                        start, end = local_rows(p.shape[0], p.device_mesh.get_local_rank(), p.device_mesh.size())
+                        assert local.shape[0] == end - start, f"{name}: local shard {tuple(local.shape)} is not rows {start}:{end}"
+                    local.copy_(f.get_slice(keys[name][1])[start:end])  # reads only these rows; casts dtype/device
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight, "the tied lm_head lost its embedding"
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_tokenizer,
-                   render_chat, save_checkpoint, trim_jsonl)
+from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
+                   load_tokenizer, meta_model, render_chat, save_checkpoint, trim_jsonl)
 
 # -----------------------------------------------------------------------------
 # config (plain globals; a config file from config/ and --key=value override them)
@@ -339,8 +339,9 @@ def main():
         f"space is real tokens; {rows_per_epoch[0] // batch_size} steps per epoch, {total} steps in all")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    # ---- model: fp32 master weights; FSDP2 shards each decoder layer, the vision tower, then the root
-    model = QwenVL.from_pretrained(init_from, dtype=torch.float32)
+    # ---- model: fp32 master weights; FSDP2 shards each decoder layer, the vision tower, then the root.
+    # Under torchrun the model is built on the meta device and each rank loads only its shard (load_sharded)
+    model = meta_model(init_from) if ddp else QwenVL.from_pretrained(init_from, dtype=torch.float32)
     frozen = [p for p in freeze.split(",") if p]
     freeze_params(model, frozen)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -353,6 +354,7 @@ def main():
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model.visual, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        load_sharded(model, init_from, dev)
         for m in model.modules():  # the loss is already a global mean: gradients SUM over ranks, not average
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)

@@ -1,0 +1,129 @@
+# Scale: sharded loading (meta device + FSDP2 + per-rank safetensors slices).
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import QwenVL, build_tiny, load_sharded, local_rows, meta_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def file_tensors(path):
+    """Every tensor of an HF dir read with safetensors' own loader: the reference the loaders must match."""
+    from safetensors.torch import load_file
+    out = {}
+    for fn in sorted(os.listdir(path)):
+        if fn.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, fn)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def odd_tied_dir(tmp_path_factory):
+    # tied embeddings, 3 layers, weights in several files (the tiny vocabulary, 765 rows, shards unevenly)
+    path = str(tmp_path_factory.mktemp("odd_tied"))
+    build_tiny(path, tie_word_embeddings=True, num_hidden_layers=3)
+    m = QwenVL.from_pretrained(path)
+    m.save_pretrained(path, max_shard_bytes=200_000)  # several safetensors files + an index
+    os.remove(os.path.join(path, "model.safetensors"))
+    return path
+
+
+def test_local_rows_is_torch_chunk():
+    for n in (1, 2, 7, 1015, 1024):
+        for world in (1, 2, 3, 8):
+            chunks = torch.arange(n).chunk(world)
+            for r in range(world):
+                start, end = local_rows(n, r, world)
+                want = chunks[r].tolist() if r < len(chunks) else []
+                assert list(range(start, end)) == want, (n, world, r)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_unsharded_load_equals_files(tiny_model_dir, odd_tied_dir, tied):
+    # no process group: load_sharded on a plain meta model loads every row
+    path = odd_tied_dir if tied else tiny_model_dir
+    model = load_sharded(meta_model(path), path)
+    ref = file_tensors(path)
+    sd = model.state_dict()
+    assert set(sd) == set(ref) | ({"lm_head.weight"} if tied else set())
+    for k, v in ref.items():
+        assert torch.equal(sd[k], v.float()), k
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    plain = QwenVL.from_pretrained(path)
+    ids = torch.randint(0, 500, (2, 17))
+    assert torch.equal(model(ids), plain(ids))
+
+
+def test_meta_model_bf16(tiny_model_dir):
+    model = load_sharded(meta_model(tiny_model_dir, torch.bfloat16), tiny_model_dir)
+    for k, v in file_tensors(tiny_model_dir).items():
+        assert model.state_dict()[k].dtype == torch.bfloat16
+        assert torch.equal(model.state_dict()[k], v.to(torch.bfloat16)), k
+
+
+SCRIPT = r'''
+import os, sys
+import torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from safetensors.torch import load_file
+from model import QwenVL, load_sharded, meta_model
+
+path = sys.argv[1]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+mesh = init_device_mesh("cpu", (world,))
+model = meta_model(path)
+for layer in model.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model.visual, mesh=mesh)
+fully_shard(model, mesh=mesh)
+load_sharded(model, path)
+# each rank holds only its rows
+for name, p in model.named_parameters():
+    local = p.to_local()
+    assert local.shape[0] == -(-p.shape[0] // world) or rank == world - 1, (name, local.shape, p.shape)
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+ref = {}
+for fn in sorted(os.listdir(path)):
+    if fn.endswith(".safetensors"):
+        ref.update(load_file(os.path.join(path, fn)))
+if rank == 0:
+    tied = model.config.tie_word_embeddings
+    assert set(full) == set(ref) | ({"lm_head.weight"} if tied else set()), sorted(set(full) ^ set(ref))
+    bad = [k for k, v in ref.items() if not torch.equal(full[k], v.float())]
+    assert not bad, bad
+plain = QwenVL.from_pretrained(path)
+ids = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(rank))
+with torch.no_grad():
+    assert torch.equal(model(ids), plain(ids)), "logits differ"
+print(f"rank {rank}: OK")
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("nproc,which", [(1, "tiny"), (2, "tiny"), (2, "odd_tied")])
+def test_fsdp_sharded_load_equals_files(tmp_path, tiny_model_dir, odd_tied_dir, nproc, which):
+    script = tmp_path / "load.py"
+    script.write_text(SCRIPT)
+    path = odd_tied_dir if which == "odd_tied" else tiny_model_dir
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        f"--master_port={free_port()}", str(script), path],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count(": OK") == nproc
