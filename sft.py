@@ -159,30 +159,68 @@ def load_sample(paths, ref, tokenizer, pixels, max_len, mode):
     return fit(sample, max_len, mode), len(sample["input_ids"])
 
 
-def build_index(paths, tokenizer, pixels, max_len, mode, rank, world):
+def index_key(paths, tokenizer, pixels, max_len, mode):
+    """What a sample's rendered length depends on, hashed: the data files' bytes, the tokenizer (its whole
+    JSON: vocabulary, merges, special tokens), the chat template, the image pixel bounds and the overlong
+    policy. Image files are not hashed (the data file names them): edit an image in place, delete the cache."""
+    import hashlib
+    from model import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps([CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, list(pixels), max_len, mode]).encode())
+    return h.hexdigest()
+
+
+def build_index(paths, tokenizer, pixels, max_len, mode, rank, world, cache=None):
     """Render every sample once (rank r takes samples r, r+W, ...) to learn its length and number of
     target tokens, which packing and the loss denominator need. Any bad sample stops every rank.
-    Every rank ends up with the whole index, so every rank knows the packing of every global batch."""
+    Every rank ends up with the whole index, so every rank knows the packing of every global batch.
+    `cache`: a JSON file that keeps the index under index_key's hash, so a restart or resume on the
+    same data and tokenizer reads it (seconds) instead of rendering again (hours for millions of traces)."""
     refs = scan_files(paths)
-    mine, error = {}, None
-    for i in range(rank, len(refs), world):
+    key, table = None, None
+    if cache and rank == 0:
+        key = index_key(paths, tokenizer, pixels, max_len, mode)
         try:
-            s, n_full = load_sample(paths, refs[i], tokenizer, pixels, max_len, mode)
-        except ValueError as e:
-            error = str(e)
-            break
-        has_image = s is not None and s["image_grid_thw"] is not None
-        mine[i] = (len(s["input_ids"]), int(s["loss_mask"][1:].sum()), n_full, has_image) if s else (0, 0, n_full, False)
-    parts = [None] * world
-    if world > 1:
-        dist.all_gather_object(parts, (mine, error))
-    else:
-        parts = [(mine, error)]
-    errors = sorted(e for _, e in parts if e)
-    if errors:
-        raise SystemExit(f"bad training data, stopping before training: {errors[0]}")
-    table = {k: v for m, _ in parts for k, v in m.items()}
-    cols = zip(*(table[i] for i in range(len(refs)))) if refs else ((), (), (), ())
+            with open(cache) as f:
+                saved = json.load(f)
+            if saved["key"] == key and len(saved["table"]) == len(refs):
+                table = [tuple(row) for row in saved["table"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet or unreadable: render
+    if cache and world > 1:
+        box = [table]
+        dist.broadcast_object_list(box, src=0)
+        table = box[0]
+    if table is None:
+        mine, error = {}, None
+        for i in range(rank, len(refs), world):
+            try:
+                s, n_full = load_sample(paths, refs[i], tokenizer, pixels, max_len, mode)
+            except ValueError as e:
+                error = str(e)
+                break
+            has_image = s is not None and s["image_grid_thw"] is not None
+            mine[i] = (len(s["input_ids"]), int(s["loss_mask"][1:].sum()), n_full, has_image) if s else (0, 0, n_full, False)
+        parts = [None] * world
+        if world > 1:
+            dist.all_gather_object(parts, (mine, error))
+        else:
+            parts = [(mine, error)]
+        errors = sorted(e for _, e in parts if e)
+        if errors:
+            raise SystemExit(f"bad training data, stopping before training: {errors[0]}")
+        merged = {k: v for m, _ in parts for k, v in m.items()}
+        table = [merged[i] for i in range(len(refs))]
+        if cache and rank == 0:  # written whole, then renamed: a killed run never leaves half a cache
+            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+            with open(cache + ".tmp", "w") as f:
+                json.dump({"key": key, "files": paths, "table": table}, f)
+            os.replace(cache + ".tmp", cache)
+    cols = zip(*table) if refs else ((), (), (), ())
     return (refs, *map(list, cols))  # refs, lengths (0: dropped), target counts, untruncated lengths, has-image flags
 
 
@@ -326,7 +364,8 @@ def main():
     pixels = (min_pixels or pre.get("min_pixels", 56 * 56), max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
     paths = [p.strip() for p in data_path.split(",") if p.strip()]
     t0 = time.time()
-    refs, lengths, n_tgt, n_full, has_img = build_index(paths, tokenizer, pixels, max_seq_len, overlong, rank, world)
+    refs, lengths, n_tgt, n_full, has_img = build_index(paths, tokenizer, pixels, max_seq_len, overlong, rank, world,
+                                                        cache=os.path.join(out_dir, "length_index.json"))
     n_kept = sum(n > 0 for n in lengths)
     n_trunc = sum(0 < n < f for n, f in zip(lengths, n_full))
     rows_per_epoch = [len(epoch_rows(lengths, max_seq_len, seed, e)) for e in range(epochs)]

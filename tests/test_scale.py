@@ -127,3 +127,63 @@ def test_fsdp_sharded_load_equals_files(tmp_path, tiny_model_dir, odd_tied_dir, 
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count(": OK") == nproc
+
+
+# ---- sft.py's length index cache
+
+
+def write_convs(path, n, seed=0):
+    import json
+    import random
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            think = " ".join("Let me check, wait." for _ in range(rng.randint(1, 8)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                             {"role": "assistant", "content": f"<think> {think} </think> \\boxed{{{a + b}}}"}]}) + "\n")
+    return str(path)
+
+
+def index(path, tok, cache, max_pixels=28 * 28 * 64, max_len=64):
+    import sft
+    return sft.build_index([path], tok, (56 * 56, max_pixels), max_len, "drop", 0, 1, cache=cache)
+
+
+def test_length_cache_equals_fresh_and_is_used(tiny_model_dir, tmp_path, monkeypatch):
+    import sft
+    from model import load_tokenizer, render_chat
+    tok = load_tokenizer(tiny_model_dir)
+    data, cache = write_convs(tmp_path / "d.jsonl", 12), str(tmp_path / "out" / "length_index.json")
+    fresh = index(data, tok, None)
+    first = index(data, tok, cache)
+    assert os.path.exists(cache) and first == fresh
+    # the lengths are the rendered ones (0: longer than max_len, dropped)
+    import json
+    rows = [json.loads(line) for line in open(data)]
+    want = [len(render_chat(r["messages"], tok)["input_ids"]) for r in rows]
+    assert fresh[3] == want and fresh[1] == [n if n <= 64 else 0 for n in want]
+    assert 0 in fresh[1] and any(fresh[1])  # the test data has both kept and dropped samples
+    # a second start reads the cache: it renders nothing
+    monkeypatch.setattr(sft, "load_sample", lambda *a, **k: pytest.fail("rendered although the cache is valid"))
+    assert index(data, tok, cache) == fresh
+
+
+def test_length_cache_invalidated_by_data_tokenizer_and_pixels(tiny_model_dir, tmp_path):
+    import sft
+    from model import build_tiny_tokenizer, load_tokenizer
+    tok = load_tokenizer(tiny_model_dir)
+    data, cache = write_convs(tmp_path / "d.jsonl", 10), str(tmp_path / "length_index.json")
+    index(data, tok, cache)
+    # same number of lines, different text: the file's bytes changed
+    write_convs(tmp_path / "d.jsonl", 10, seed=1)
+    assert index(data, tok, cache) == index(data, tok, None) != index(write_convs(tmp_path / "e.jsonl", 10), tok, None)
+    # another tokenizer (a smaller BPE vocabulary: longer token sequences)
+    small = build_tiny_tokenizer(vocab_size=400)
+    got = index(data, small, cache)
+    assert got == index(data, small, None) and got[3] != index(data, tok, None)[3]
+    # the pixel bounds and max_len are in the key too
+    k = sft.index_key([data], tok, (56 * 56, 28 * 28 * 64), 64, "drop")
+    assert k != sft.index_key([data], tok, (56 * 56, 28 * 28 * 32), 64, "drop")
+    assert k != sft.index_key([data], tok, (56 * 56, 28 * 28 * 64), 65, "drop")
+    assert k != sft.index_key([data], small, (56 * 56, 28 * 28 * 64), 64, "drop")
