@@ -798,6 +798,69 @@ def load_sharded(model, path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# checkpoint averaging: OVR's released model is a uniform weight average of several intermediate RL
+# checkpoints (Wei et al. 2025, arXiv 2507.05255, section 4.1). rl.py keeps its HF exports as
+# out_dir/hf_step_N (keep_hf_exports); then
+#   python model.py average out/rl/hf_step_000800 out/rl/hf_step_000900 out/rl/hf_step_001000 --out=out/rl/hf_avg
+
+
+def keep_hf_export(src, dst_dir, keep):
+    """Keep the HF export `src` (a checkpoint's hf/) as dst_dir/hf_step_N after the checkpoint is rotated out:
+    its files are hard-linked (no second copy on disk while both exist; a copy where links are not
+    possible), and only the newest `keep` hf_step_* folders stay. Rank 0 only."""
+    assert keep > 0, f"keep must be positive, got {keep}"
+    dst = os.path.join(dst_dir, "hf_" + os.path.basename(os.path.dirname(os.path.abspath(src))))
+    shutil.rmtree(dst + ".tmp", ignore_errors=True)
+    shutil.copytree(src, dst + ".tmp", copy_function=_link_or_copy)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(dst + ".tmp", dst)
+    done = sorted(d for d in os.listdir(dst_dir) if d.startswith("hf_step_") and not d.endswith(".tmp"))
+    for d in done[:-keep]:
+        shutil.rmtree(os.path.join(dst_dir, d), ignore_errors=True)
+    return dst
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def average_checkpoints(paths, out):
+    """Uniform average of HF checkpoints of one architecture into `out`: tensor by tensor (memory: the
+    output plus one tensor per input), summed in fp64 and written in the inputs' dtype. Tokenizer,
+    preprocessor and generation configs come from the first checkpoint."""
+    from safetensors import safe_open
+    assert len(paths) >= 2, "average needs at least two checkpoints"
+    assert os.path.abspath(out) not in map(os.path.abspath, paths), f"--out={out} is one of the inputs"
+    keys = [checkpoint_keys(p) for p in paths]
+    for p, k in zip(paths[1:], keys[1:]):
+        if k.keys() != keys[0].keys():
+            raise SystemExit(f"{p}: tensors differ from {paths[0]}: {sorted(k.keys() ^ keys[0].keys())[:5]}")
+    avg = {}
+    for name in keys[0]:
+        total, dtype = None, None
+        for p, k in zip(paths, keys):
+            with safe_open(k[name][0], framework="pt", device="cpu") as f:
+                t = f.get_tensor(k[name][1])
+            if total is None:
+                total, dtype, shape = t.double(), t.dtype, t.shape
+            elif t.shape != shape or t.dtype != dtype:
+                raise SystemExit(f"{p}: {name} is {t.dtype} {tuple(t.shape)}, in {paths[0]} {dtype} {tuple(shape)}")
+            else:
+                total += t.double()
+        avg[name] = (total / len(paths)).to(dtype)
+    os.makedirs(out, exist_ok=True)
+    for fn in os.listdir(paths[0]):  # tokenizer and configs; the weights are written below
+        src = os.path.join(paths[0], fn)
+        if os.path.isfile(src) and not fn.endswith(".safetensors") and fn != "model.safetensors.index.json":
+            shutil.copy2(src, os.path.join(out, fn))
+    meta_model(paths[0]).save_pretrained(out, state_dict=avg)  # a tied lm_head is not in avg: not written
+    return out
+
+
+# -----------------------------------------------------------------------------
 # training checkpoints (sft.py and rl.py): resumable DCP state + HF export, written atomically
 # ckpt/step_N.tmp/ gets the DCP-sharded model + optimizer, one rank{r}.pt per rank (its RNG states and
 # the stage's `extra`), meta.json and optionally hf/; it is renamed to step_N/ when complete, and
@@ -1310,8 +1373,20 @@ def build_tiny(out_dir, seed=0, corpus=None, vocab_size=1024, min_pixels=56 * 56
 
 if __name__ == "__main__":
     # python model.py tiny OUT_DIR [--hidden_size=128 --num_hidden_layers=4 ...]
+    # python model.py average HF_DIR HF_DIR ... --out=OUT_DIR
+    if len(sys.argv) > 1 and sys.argv[1] == "average":
+        outs = [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--out=")]
+        dirs = [a for a in sys.argv[2:] if not a.startswith("--")]
+        if len(outs) != 1 or len(dirs) < 2:
+            sys.exit("usage: python model.py average HF_DIR HF_DIR [...] --out=OUT_DIR")
+        for d in dirs:
+            if not os.path.isfile(os.path.join(d, "config.json")):
+                sys.exit(f"not an HF checkpoint (no config.json): {d}")
+        print(f"averaged {len(dirs)} checkpoints into {average_checkpoints(dirs, outs[0])}")
+        sys.exit(0)
     if len(sys.argv) < 3 or sys.argv[1] != "tiny":
-        sys.exit("usage: python model.py tiny OUT_DIR [--key=value ...]  (keys: build_tiny / tiny_config_dict arguments)")
+        sys.exit("usage: python model.py tiny OUT_DIR [--key=value ...]  (keys: build_tiny / tiny_config_dict arguments)\n"
+                 "       python model.py average HF_DIR HF_DIR [...] --out=OUT_DIR")
     kw = {k.lstrip("-"): ast.literal_eval(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
     path = build_tiny(sys.argv[2], **kw)
     n = sum(p.numel() for p in QwenVL.from_pretrained(path).parameters())

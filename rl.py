@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import eval as ev
 import reward
-from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
-                   load_tokenizer, meta_model, render_chat, save_checkpoint, trim_jsonl)
+from model import (QwenVL, barrier, configure, export_hf, keep_hf_export, latest_checkpoint, load_checkpoint,
+                   load_sharded, load_tokenizer, meta_model, render_chat, save_checkpoint, trim_jsonl)
 from rollout import make_engine
 
 # -----------------------------------------------------------------------------
@@ -61,7 +61,8 @@ out_dir = "out/rl"              # metrics.jsonl, rollouts.jsonl, ckpt/, eval/, h
 resume = False                  # continue from out_dir/ckpt/latest (starts fresh if there is none)
 save_every = 50                 # steps between resumable checkpoints (0: only at the end)
 keep_last = 2                   # resumable checkpoints kept on disk
-export_every_save = True        # also write an HF export into every checkpoint (for OVR's checkpoint averaging)
+export_every_save = True        # also write an HF export into every checkpoint (ckpt/step_N/hf)
+keep_hf_exports = 0             # the newest N exports also kept as out_dir/hf_step_N, past keep_last, for model.py average (0: none)
 # data
 data_path = "data/rl/train.jsonl"  # problems (README, "Data formats"), JSONL or parquet
 eval_path = ""                  # held-out problems (JSONL) for the periodic eval; "" = none
@@ -377,8 +378,10 @@ def main():
         m = {"step": step}
         if step > start and (step == num_steps or (save_every and step % save_every == 0)):
             # each rank walks its own stride of the data: its position is its own
-            save_checkpoint(ckpt_dir, model, optimizer, dict(step=step, config=config), extra=dict(data_state),
-                            keep_last=keep_last, hf=(tokenizer, ptdtype) if export_every_save else None)
+            path = save_checkpoint(ckpt_dir, model, optimizer, dict(step=step, config=config), extra=dict(data_state),
+                                   keep_last=keep_last, hf=(tokenizer, ptdtype) if export_every_save else None)
+            if master and export_every_save and keep_hf_exports:
+                keep_hf_export(os.path.join(path, "hf"), out_dir, keep_hf_exports)
         cap = length_schedule(step, length_stages)
         if eval_problems and eval_every and (step % eval_every == 0 or step == num_steps):
             s = ev.evaluate(eng, eval_problems[rank::world], template, eval_n, temperature, top_p, cap,

@@ -187,3 +187,62 @@ def test_length_cache_invalidated_by_data_tokenizer_and_pixels(tiny_model_dir, t
     assert k != sft.index_key([data], tok, (56 * 56, 28 * 28 * 32), 64, "drop")
     assert k != sft.index_key([data], tok, (56 * 56, 28 * 28 * 64), 65, "drop")
     assert k != sft.index_key([data], small, (56 * 56, 28 * 28 * 64), 64, "drop")
+
+
+# ---- checkpoint averaging
+
+
+def st_tensors(path):
+    return file_tensors(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_average_equals_hand_average(tmp_path, dtype):
+    from model import average_checkpoints
+    dirs = []
+    for seed in range(3):
+        d = build_tiny(str(tmp_path / f"m{seed}"), seed=seed, tie_word_embeddings=True)
+        if dtype != torch.float32:
+            m = QwenVL.from_pretrained(d)
+            m.save_pretrained(d, state_dict={k: v.to(dtype) for k, v in m.hf_state_dict()})
+        dirs.append(d)
+    out = average_checkpoints(dirs, str(tmp_path / "avg"))
+    got, inputs = st_tensors(out), [st_tensors(d) for d in dirs]
+    assert got.keys() == inputs[0].keys() and "lm_head.weight" not in got  # tied: not written
+    for k, v in got.items():
+        hand = ((inputs[0][k].double() + inputs[1][k].double() + inputs[2][k].double()) / 3).to(dtype)
+        assert v.dtype == dtype and torch.equal(v, hand), k
+    for fn in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        assert open(os.path.join(out, fn), "rb").read() == open(os.path.join(dirs[0], fn), "rb").read(), fn
+    QwenVL.from_pretrained(out)  # loads as a model
+
+
+def test_average_command_and_mismatch(tmp_path):
+    a, b = build_tiny(str(tmp_path / "a"), seed=0), build_tiny(str(tmp_path / "b"), seed=1)
+    r = subprocess.run([sys.executable, "model.py", "average", a, b, f"--out={tmp_path / 'avg'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "averaged 2 checkpoints" in r.stdout, r.stderr[-2000:]
+    wa, wb, avg = st_tensors(a), st_tensors(b), st_tensors(str(tmp_path / "avg"))
+    k = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(avg[k], (wa[k] + wb[k]) / 2, rtol=0, atol=1e-7)
+    c = build_tiny(str(tmp_path / "c"), num_hidden_layers=3)
+    r = subprocess.run([sys.executable, "model.py", "average", a, c, f"--out={tmp_path / 'bad'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and str(tmp_path / "c") in r.stderr and "model.layers.2" in r.stderr
+
+
+def test_keep_hf_export_survives_rotation(tmp_path):
+    from model import keep_hf_export
+    ckpt, out = tmp_path / "ckpt", tmp_path
+    for step in (2, 4, 6):
+        hf = ckpt / f"step_{step:06d}" / "hf"
+        hf.mkdir(parents=True)
+        (hf / "model.safetensors").write_bytes(bytes([step]) * 10)
+        (hf / "config.json").write_text("{}")
+        keep_hf_export(str(hf), str(out), keep=2)
+        if step >= 4:  # what keep_last=1 does to the checkpoint before it
+            import shutil
+            shutil.rmtree(ckpt / f"step_{step - 2:06d}")
+    assert sorted(d for d in os.listdir(out) if d.startswith("hf_")) == ["hf_step_000004", "hf_step_000006"]
+    assert (out / "hf_step_000004" / "model.safetensors").read_bytes() == bytes([4]) * 10
+    assert (out / "hf_step_000006" / "config.json").read_text() == "{}"
