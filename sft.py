@@ -14,7 +14,8 @@ the whole global batch, so it does not depend on how rows fall into micro-batche
 
 Outputs in out_dir: metrics.jsonl (one JSON object per step), ckpt/step_N/ (resumable sharded
 state + hf/ export), ckpt/latest (name of the newest complete checkpoint), hf/ (the final model,
-loadable by QwenVL.from_pretrained, transformers and vLLM). `python sft.py --help` lists the keys.
+loadable by QwenVL.from_pretrained, transformers and vLLM), length_index.json (every sample's length,
+so a resume does not render the data again). `python sft.py --help` lists the keys.
 """
 
 import bisect
