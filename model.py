@@ -786,7 +786,7 @@ def load_sharded(model, path, device="cpu"):
                 assert p.placements == (Shard(0),), f"{name}: expected FSDP2's Shard(0), got {p.placements}"
                 local = p.to_local()
                 start, end = local_rows(p.shape[0], p.device_mesh.get_local_rank(), p.device_mesh.size())
-                assert local.shape[0] == end - start, f"{name}: local shard {tuple(local.shape)} is not rows {start}:{end}"
+                assert local.shape[0] == end - start, f"{name}: local shard {tuple(local.shape)}, not rows {start}:{end}"
             # the file is opened per tensor: pages of an mmap count in RSS until it is closed, and with one open
             # per file they add up to the rank's part of the file (bench/bench_memory.py, 116M: +150 MiB a rank)
             fn, key = keys[name]

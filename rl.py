@@ -62,7 +62,7 @@ resume = False                  # continue from out_dir/ckpt/latest (starts fres
 save_every = 50                 # steps between resumable checkpoints (0: only at the end)
 keep_last = 2                   # resumable checkpoints kept on disk
 export_every_save = True        # also write an HF export into every checkpoint (ckpt/step_N/hf)
-keep_hf_exports = 0             # the newest N exports also kept as out_dir/hf_step_N, past keep_last, for model.py average (0: none)
+keep_hf_exports = 0             # newest N exports kept as out_dir/hf_step_N past keep_last, for model.py average
 # data
 data_path = "data/rl/train.jsonl"  # problems (README, "Data formats"), JSONL or parquet
 eval_path = ""                  # held-out problems (JSONL) for the periodic eval; "" = none

@@ -175,6 +175,26 @@ def index_key(paths, tokenizer, pixels, max_len, mode):
     return h.hexdigest()
 
 
+def read_index_cache(cache, paths, tokenizer, pixels, max_len, mode, n, rank, world):
+    """(key, table): rank 0 hashes the inputs (index_key) and reads `cache` if its key matches, then
+    every rank gets the table (None: render)."""
+    key, table = None, None
+    if rank == 0:
+        key = index_key(paths, tokenizer, pixels, max_len, mode)
+        try:
+            with open(cache) as f:
+                saved = json.load(f)
+            if saved["key"] == key and len(saved["table"]) == n:
+                table = [tuple(row) for row in saved["table"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: render
+    if world > 1:
+        box = [table]
+        dist.broadcast_object_list(box, src=0)
+        table = box[0]
+    return key, table
+
+
 def build_index(paths, tokenizer, pixels, max_len, mode, rank, world, cache=None):
     """Render every sample once (rank r takes samples r, r+W, ...) to learn its length and number of
     target tokens, which packing and the loss denominator need. Any bad sample stops every rank.
@@ -182,46 +202,34 @@ def build_index(paths, tokenizer, pixels, max_len, mode, rank, world, cache=None
     `cache`: a JSON file that keeps the index under index_key's hash, so a restart or resume on the
     same data and tokenizer reads it (seconds) instead of rendering again (hours for millions of traces)."""
     refs = scan_files(paths)
-    key, table = None, None
-    if cache and rank == 0:
-        key = index_key(paths, tokenizer, pixels, max_len, mode)
+    key, cached = read_index_cache(cache, paths, tokenizer, pixels, max_len, mode, len(refs), rank, world) \
+        if cache else (None, None)
+    if cached is not None:
+        return (refs, *map(list, zip(*cached))) if refs else (refs, [], [], [], [])
+    mine, error = {}, None
+    for i in range(rank, len(refs), world):
         try:
-            with open(cache) as f:
-                saved = json.load(f)
-            if saved["key"] == key and len(saved["table"]) == len(refs):
-                table = [tuple(row) for row in saved["table"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # none yet or unreadable: render
-    if cache and world > 1:
-        box = [table]
-        dist.broadcast_object_list(box, src=0)
-        table = box[0]
-    if table is None:
-        mine, error = {}, None
-        for i in range(rank, len(refs), world):
-            try:
-                s, n_full = load_sample(paths, refs[i], tokenizer, pixels, max_len, mode)
-            except ValueError as e:
-                error = str(e)
-                break
-            has_image = s is not None and s["image_grid_thw"] is not None
-            mine[i] = (len(s["input_ids"]), int(s["loss_mask"][1:].sum()), n_full, has_image) if s else (0, 0, n_full, False)
-        parts = [None] * world
-        if world > 1:
-            dist.all_gather_object(parts, (mine, error))
-        else:
-            parts = [(mine, error)]
-        errors = sorted(e for _, e in parts if e)
-        if errors:
-            raise SystemExit(f"bad training data, stopping before training: {errors[0]}")
-        merged = {k: v for m, _ in parts for k, v in m.items()}
-        table = [merged[i] for i in range(len(refs))]
-        if cache and rank == 0:  # written whole, then renamed: a killed run never leaves half a cache
-            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-            with open(cache + ".tmp", "w") as f:
-                json.dump({"key": key, "files": paths, "table": table}, f)
-            os.replace(cache + ".tmp", cache)
-    cols = zip(*table) if refs else ((), (), (), ())
+            s, n_full = load_sample(paths, refs[i], tokenizer, pixels, max_len, mode)
+        except ValueError as e:
+            error = str(e)
+            break
+        has_image = s is not None and s["image_grid_thw"] is not None
+        mine[i] = (len(s["input_ids"]), int(s["loss_mask"][1:].sum()), n_full, has_image) if s else (0, 0, n_full, False)
+    parts = [None] * world
+    if world > 1:
+        dist.all_gather_object(parts, (mine, error))
+    else:
+        parts = [(mine, error)]
+    errors = sorted(e for _, e in parts if e)
+    if errors:
+        raise SystemExit(f"bad training data, stopping before training: {errors[0]}")
+    table = {k: v for m, _ in parts for k, v in m.items()}
+    if cache and rank == 0:  # written whole, then renamed: a killed run leaves no half-written file
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        with open(cache + ".tmp", "w") as f:
+            json.dump({"key": key, "files": paths, "table": [table[i] for i in range(len(refs))]}, f)
+        os.replace(cache + ".tmp", cache)
+    cols = zip(*(table[i] for i in range(len(refs)))) if refs else ((), (), (), ())
     return (refs, *map(list, cols))  # refs, lengths (0: dropped), target counts, untruncated lengths, has-image flags
 
 

@@ -29,8 +29,9 @@ def main(n=2000, think_words=400):
         with open(data, "w") as f:
             for _ in range(n):
                 think = " ".join(rng.choice(words) for _ in range(rng.randint(think_words // 4, think_words)))
+                answer = f"<think> {think} </think> \\boxed{{7}}"
                 f.write(json.dumps({"messages": [{"role": "user", "content": "What is 3 + 4?"},
-                                                 {"role": "assistant", "content": f"<think> {think} </think> \\boxed{{7}}"}]}) + "\n")
+                                                 {"role": "assistant", "content": answer}]}) + "\n")
         times = []
         for _ in range(2):  # the first call renders and writes the cache, the second reads it
             t0 = time.perf_counter()

@@ -1,5 +1,9 @@
-# Scale: sharded loading (meta device + FSDP2 + per-rank safetensors slices).
+# Scale: sharded loading (meta device + FSDP2 + per-rank safetensors slices), sft.py's cached length index,
+# checkpoint averaging and the HF exports rl.py keeps for it.
+import json
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -7,7 +11,9 @@ import sys
 import pytest
 import torch
 
-from model import QwenVL, build_tiny, load_sharded, local_rows, meta_model
+import sft
+from model import (QwenVL, average_checkpoints, build_tiny, build_tiny_tokenizer, keep_hf_export, load_sharded,
+                   load_tokenizer, local_rows, meta_model, render_chat)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,33 +139,28 @@ def test_fsdp_sharded_load_equals_files(tmp_path, tiny_model_dir, odd_tied_dir, 
 
 
 def write_convs(path, n, seed=0):
-    import json
-    import random
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for i in range(n):
+        for _ in range(n):
             a, b = rng.randint(0, 99), rng.randint(0, 99)
             think = " ".join("Let me check, wait." for _ in range(rng.randint(1, 8)))
+            answer = f"<think> {think} </think> \\boxed{{{a + b}}}"
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                             {"role": "assistant", "content": f"<think> {think} </think> \\boxed{{{a + b}}}"}]}) + "\n")
+                                             {"role": "assistant", "content": answer}]}) + "\n")
     return str(path)
 
 
 def index(path, tok, cache, max_pixels=28 * 28 * 64, max_len=64):
-    import sft
     return sft.build_index([path], tok, (56 * 56, max_pixels), max_len, "drop", 0, 1, cache=cache)
 
 
 def test_length_cache_equals_fresh_and_is_used(tiny_model_dir, tmp_path, monkeypatch):
-    import sft
-    from model import load_tokenizer, render_chat
     tok = load_tokenizer(tiny_model_dir)
     data, cache = write_convs(tmp_path / "d.jsonl", 12), str(tmp_path / "out" / "length_index.json")
     fresh = index(data, tok, None)
     first = index(data, tok, cache)
     assert os.path.exists(cache) and first == fresh
     # the lengths are the rendered ones (0: longer than max_len, dropped)
-    import json
     rows = [json.loads(line) for line in open(data)]
     want = [len(render_chat(r["messages"], tok)["input_ids"]) for r in rows]
     assert fresh[3] == want and fresh[1] == [n if n <= 64 else 0 for n in want]
@@ -170,14 +171,14 @@ def test_length_cache_equals_fresh_and_is_used(tiny_model_dir, tmp_path, monkeyp
 
 
 def test_length_cache_invalidated_by_data_tokenizer_and_pixels(tiny_model_dir, tmp_path):
-    import sft
-    from model import build_tiny_tokenizer, load_tokenizer
     tok = load_tokenizer(tiny_model_dir)
     data, cache = write_convs(tmp_path / "d.jsonl", 10), str(tmp_path / "length_index.json")
     index(data, tok, cache)
-    # same number of lines, different text: the file's bytes changed
+    # same number of lines, different text: the file's bytes changed, and so did the lengths
+    old = index(write_convs(tmp_path / "e.jsonl", 10), tok, None)  # what the cache holds
     write_convs(tmp_path / "d.jsonl", 10, seed=1)
-    assert index(data, tok, cache) == index(data, tok, None) != index(write_convs(tmp_path / "e.jsonl", 10), tok, None)
+    got = index(data, tok, cache)
+    assert got == index(data, tok, None) and got[1] != old[1]
     # another tokenizer (a smaller BPE vocabulary: longer token sequences)
     small = build_tiny_tokenizer(vocab_size=400)
     got = index(data, small, cache)
@@ -192,13 +193,8 @@ def test_length_cache_invalidated_by_data_tokenizer_and_pixels(tiny_model_dir, t
 # ---- checkpoint averaging
 
 
-def st_tensors(path):
-    return file_tensors(path)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_average_equals_hand_average(tmp_path, dtype):
-    from model import average_checkpoints
     dirs = []
     for seed in range(3):
         d = build_tiny(str(tmp_path / f"m{seed}"), seed=seed, tie_word_embeddings=True)
@@ -207,7 +203,7 @@ def test_average_equals_hand_average(tmp_path, dtype):
             m.save_pretrained(d, state_dict={k: v.to(dtype) for k, v in m.hf_state_dict()})
         dirs.append(d)
     out = average_checkpoints(dirs, str(tmp_path / "avg"))
-    got, inputs = st_tensors(out), [st_tensors(d) for d in dirs]
+    got, inputs = file_tensors(out), [file_tensors(d) for d in dirs]
     assert got.keys() == inputs[0].keys() and "lm_head.weight" not in got  # tied: not written
     for k, v in got.items():
         hand = ((inputs[0][k].double() + inputs[1][k].double() + inputs[2][k].double()) / 3).to(dtype)
@@ -222,7 +218,7 @@ def test_average_command_and_mismatch(tmp_path):
     r = subprocess.run([sys.executable, "model.py", "average", a, b, f"--out={tmp_path / 'avg'}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "averaged 2 checkpoints" in r.stdout, r.stderr[-2000:]
-    wa, wb, avg = st_tensors(a), st_tensors(b), st_tensors(str(tmp_path / "avg"))
+    wa, wb, avg = file_tensors(a), file_tensors(b), file_tensors(str(tmp_path / "avg"))
     k = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(avg[k], (wa[k] + wb[k]) / 2, rtol=0, atol=1e-7)
     c = build_tiny(str(tmp_path / "c"), num_hidden_layers=3)
@@ -232,7 +228,6 @@ def test_average_command_and_mismatch(tmp_path):
 
 
 def test_keep_hf_export_survives_rotation(tmp_path):
-    from model import keep_hf_export
     ckpt, out = tmp_path / "ckpt", tmp_path
     for step in (2, 4, 6):
         hf = ckpt / f"step_{step:06d}" / "hf"
@@ -241,7 +236,6 @@ def test_keep_hf_export_survives_rotation(tmp_path):
         (hf / "config.json").write_text("{}")
         keep_hf_export(str(hf), str(out), keep=2)
         if step >= 4:  # what keep_last=1 does to the checkpoint before it
-            import shutil
             shutil.rmtree(ckpt / f"step_{step - 2:06d}")
     assert sorted(d for d in os.listdir(out) if d.startswith("hf_")) == ["hf_step_000004", "hf_step_000006"]
     assert (out / "hf_step_000004" / "model.safetensors").read_bytes() == bytes([4]) * 10
