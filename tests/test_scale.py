@@ -240,3 +240,25 @@ def test_keep_hf_export_survives_rotation(tmp_path):
     assert sorted(d for d in os.listdir(out) if d.startswith("hf_")) == ["hf_step_000004", "hf_step_000006"]
     assert (out / "hf_step_000004" / "model.safetensors").read_bytes() == bytes([4]) * 10
     assert (out / "hf_step_000006" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_rl_keeps_hf_exports_past_keep_last(tiny_model_dir, tmp_path):
+    with open(tmp_path / "toy.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"id": str(i), "question": "Guess the secret digit.", "answer": "3"}) + "\n")
+    out = tmp_path / "rl"
+    args = ["--engine=torch", "--device=cpu", "--dtype=float32", "--eval_path=", "--template={question}",
+            "--length_stages=[(0, 8)]", "--prompts_per_step=2", "--group_size=4", "--reward_workers=1",
+            "--gradient_checkpointing=False", "--num_steps=3", "--save_every=1", "--keep_last=1", "--keep_hf_exports=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "rl.py", f"--init_from={tiny_model_dir}", f"--data_path={tmp_path / 'toy.jsonl'}",
+                        f"--out_dir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(os.listdir(out / "ckpt")) == ["latest", "step_000003"]
+    assert sorted(d for d in os.listdir(out) if d.startswith("hf_")) == ["hf_step_000002", "hf_step_000003"]
+    # the last kept export is the final model; the averaging command takes the kept exports
+    final, last = file_tensors(str(out / "hf")), file_tensors(str(out / "hf_step_000003"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    avg = average_checkpoints([str(out / "hf_step_000002"), str(out / "hf_step_000003")], str(out / "hf_avg"))
+    QwenVL.from_pretrained(avg)
