@@ -829,8 +829,8 @@ def _link_or_copy(src, dst):
 
 def average_checkpoints(paths, out):
     """Uniform average of HF checkpoints of one architecture into `out`: tensor by tensor (memory: the
-    output plus one tensor per input), summed in fp64 and written in the inputs' dtype. Tokenizer,
-    preprocessor and generation configs come from the first checkpoint."""
+    output plus one tensor in fp64), summed in fp64 and written in the inputs' dtype. Tokenizer,
+    preprocessor and generation configs come from the first checkpoint. Written to out.tmp, then renamed."""
     from safetensors import safe_open
     assert len(paths) >= 2, "average needs at least two checkpoints"
     assert os.path.abspath(out) not in map(os.path.abspath, paths), f"--out={out} is one of the inputs"
@@ -840,7 +840,7 @@ def average_checkpoints(paths, out):
             raise SystemExit(f"{p}: tensors differ from {paths[0]}: {sorted(k.keys() ^ keys[0].keys())[:5]}")
     avg = {}
     for name in keys[0]:
-        total, dtype = None, None
+        total = None
         for p, k in zip(paths, keys):
             with safe_open(k[name][0], framework="pt", device="cpu") as f:
                 t = f.get_tensor(k[name][1])
@@ -851,12 +851,16 @@ def average_checkpoints(paths, out):
             else:
                 total += t.double()
         avg[name] = (total / len(paths)).to(dtype)
-    os.makedirs(out, exist_ok=True)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     for fn in os.listdir(paths[0]):  # tokenizer and configs; the weights are written below
         src = os.path.join(paths[0], fn)
         if os.path.isfile(src) and not fn.endswith(".safetensors") and fn != "model.safetensors.index.json":
-            shutil.copy2(src, os.path.join(out, fn))
-    meta_model(paths[0]).save_pretrained(out, state_dict=avg)  # a tied lm_head is not in avg: not written
+            shutil.copy2(src, os.path.join(tmp, fn))
+    meta_model(paths[0]).save_pretrained(tmp, state_dict=avg)  # a tied lm_head is not in avg: not written
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
     return out
 
 
