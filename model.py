@@ -9,7 +9,8 @@ in the official Hugging Face layout (so transformers and vLLM load what we write
     python model.py tiny out/tiny                            # a tiny random model + tokenizer, offline
 
 The module tree mirrors the official checkpoint names (`model.layers.*`, `visual.*`, `lm_head.*`),
-so `state_dict()` is the checkpoint. Facts and shapes: shared/notes/qwen25vl.md.
+so `state_dict()` is the checkpoint. Facts and shapes: transformers' modeling_qwen2_5_vl.py and
+the Qwen2.5-VL technical report (arXiv:2502.13923).
 """
 
 import ast
@@ -723,6 +724,147 @@ def official_name(name):
 
 
 # -----------------------------------------------------------------------------
+# sharded loading (sft.py and rl.py under torchrun): no rank ever holds the whole model.
+# The torchtitan recipe: build the module on the meta device (shapes, no storage), let the caller shard
+# it with fully_shard (FSDP2 splits every parameter along dim 0 into world_size chunks, torch.chunk
+# style), allocate only the local chunks (to_empty), then read each rank's rows of every tensor from
+# the safetensors files with safe_open's get_slice, which touches just those rows of the mmap.
+# Peak memory per rank is its shard plus one tensor's slice (bench/bench_memory.py measures it).
+
+
+def meta_model(path, dtype=torch.float32):
+    """The QwenVL of an HF dir on the meta device, parameters in `dtype`: the module tree, no memory.
+    Shard it (fully_shard), then fill it with load_sharded."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = QwenVLConfig.from_hf(json.load(f))
+    with torch.device("meta"):
+        model = QwenVL(config).to(dtype)  # a tied lm_head is the embedding's Parameter object, and stays it
+    model.source_path = path  # save_pretrained copies the preprocessor/generation configs from here
+    return model
+
+
+def checkpoint_keys(path):
+    """{official tensor name: (safetensors file, the name in that file)} of an HF dir, one file or sharded."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt", device="cpu") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    return {official_name(k): (os.path.join(path, fn), k) for k, fn in weight_map.items()}
+
+
+def local_rows(n, rank, world):
+    """Rows [start, end) of a dim-0 length n that FSDP2's Shard(0) gives `rank`: torch.chunk into world
+    pieces of ceil(n / world) rows; the last ranks may get fewer rows, or none."""
+    size = -(-n // world)
+    return min(rank * size, n), min((rank + 1) * size, n)
+
+
+def load_sharded(model, path, device="cpu"):
+    """Fill a meta_model, sharded by fully_shard or not at all, with the weights of the HF dir `path`
+    (cast to the parameters' dtype), each rank reading only the rows of its own shards."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+    keys = checkpoint_keys(path)
+    model.to_empty(device=device)  # under FSDP2 this allocates each rank's chunks only (DTensor local tensors)
+    if model.config.tie_word_embeddings:  # without FSDP, to_empty made two new Parameters of the tied one
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters())  # taken after to_empty, which may replace the Parameter objects
+    missing, unexpected = params.keys() - keys.keys(), keys.keys() - params.keys() - {"lm_head.weight"}
+    assert not missing and not unexpected, \
+        f"{path}: checkpoint does not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+    # QwenVL keeps no buffers (the RoPE frequencies are computed: rope_inv_freq), so every byte of to_empty's
+    # uninitialised memory is overwritten below. A buffer added to the model would need its own init here.
+    assert not list(model.buffers()), "load_sharded: the model has buffers now; initialise them after to_empty"
+    with torch.no_grad():
+        for name, p in params.items():
+            local, start, end = p, 0, p.shape[0]
+            if isinstance(p, DTensor):
+                assert p.placements == (Shard(0),), f"{name}: expected FSDP2's Shard(0), got {p.placements}"
+                local = p.to_local()
+                start, end = local_rows(p.shape[0], p.device_mesh.get_local_rank(), p.device_mesh.size())
+                assert local.shape[0] == end - start, f"{name}: local shard {tuple(local.shape)}, not rows {start}:{end}"
+            # the file is opened per tensor: pages of an mmap count in RSS until it is closed, and with one open
+            # per file they add up to the rank's part of the file (bench/bench_memory.py, 116M: +150 MiB a rank)
+            fn, key = keys[name]
+            with safe_open(fn, framework="pt", device="cpu") as f:
+                local.copy_(f.get_slice(key)[start:end])  # reads only these rows; casts dtype and device
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight, "the tied lm_head lost its embedding"
+    return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoint averaging: OVR's released model is a uniform weight average of several intermediate RL
+# checkpoints (Wei et al. 2025, arXiv 2507.05255, section 4.1). rl.py keeps its HF exports as
+# out_dir/hf_step_N (keep_hf_exports); then
+#   python model.py average out/rl/hf_step_000800 out/rl/hf_step_000900 out/rl/hf_step_001000 --out=out/rl/hf_avg
+
+
+def keep_hf_export(src, dst_dir, keep):
+    """Keep the HF export `src` (a checkpoint's hf/) as dst_dir/hf_step_N after the checkpoint is rotated out:
+    its files are hard-linked (no second copy on disk while both exist; a copy where links are not
+    possible), and only the newest `keep` hf_step_* folders stay. Rank 0 only."""
+    assert keep > 0, f"keep must be positive, got {keep}"
+    dst = os.path.join(dst_dir, "hf_" + os.path.basename(os.path.dirname(os.path.abspath(src))))
+    shutil.rmtree(dst + ".tmp", ignore_errors=True)
+    shutil.copytree(src, dst + ".tmp", copy_function=_link_or_copy)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(dst + ".tmp", dst)
+    done = sorted(d for d in os.listdir(dst_dir) if d.startswith("hf_step_") and not d.endswith(".tmp"))
+    for d in done[:-keep]:
+        shutil.rmtree(os.path.join(dst_dir, d), ignore_errors=True)
+    return dst
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def average_checkpoints(paths, out):
+    """Uniform average of HF checkpoints of one architecture into `out`: tensor by tensor (memory: the
+    output plus one tensor in fp64), summed in fp64 and written in the inputs' dtype. Tokenizer,
+    preprocessor and generation configs come from the first checkpoint. Written to out.tmp, then renamed."""
+    from safetensors import safe_open
+    assert len(paths) >= 2, "average needs at least two checkpoints"
+    assert os.path.abspath(out) not in map(os.path.abspath, paths), f"--out={out} is one of the inputs"
+    keys = [checkpoint_keys(p) for p in paths]
+    for p, k in zip(paths[1:], keys[1:]):
+        if k.keys() != keys[0].keys():
+            raise SystemExit(f"{p}: tensors differ from {paths[0]}: {sorted(k.keys() ^ keys[0].keys())[:5]}")
+    avg = {}
+    for name in keys[0]:
+        total = None
+        for p, k in zip(paths, keys):
+            with safe_open(k[name][0], framework="pt", device="cpu") as f:
+                t = f.get_tensor(k[name][1])
+            if total is None:
+                total, dtype, shape = t.double(), t.dtype, t.shape
+            elif t.shape != shape or t.dtype != dtype:
+                raise SystemExit(f"{p}: {name} is {t.dtype} {tuple(t.shape)}, in {paths[0]} {dtype} {tuple(shape)}")
+            else:
+                total += t.double()
+        avg[name] = (total / len(paths)).to(dtype)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for fn in os.listdir(paths[0]):  # tokenizer and configs; the weights are written below
+        src = os.path.join(paths[0], fn)
+        if os.path.isfile(src) and not fn.endswith(".safetensors") and fn != "model.safetensors.index.json":
+            shutil.copy2(src, os.path.join(tmp, fn))
+    meta_model(paths[0]).save_pretrained(tmp, state_dict=avg)  # a tied lm_head is not in avg: not written
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # training checkpoints (sft.py and rl.py): resumable DCP state + HF export, written atomically
 # ckpt/step_N.tmp/ gets the DCP-sharded model + optimizer, one rank{r}.pt per rank (its RNG states and
 # the stage's `extra`), meta.json and optionally hf/; it is renamed to step_N/ when complete, and
@@ -1235,8 +1377,20 @@ def build_tiny(out_dir, seed=0, corpus=None, vocab_size=1024, min_pixels=56 * 56
 
 if __name__ == "__main__":
     # python model.py tiny OUT_DIR [--hidden_size=128 --num_hidden_layers=4 ...]
+    # python model.py average HF_DIR HF_DIR ... --out=OUT_DIR
+    if len(sys.argv) > 1 and sys.argv[1] == "average":
+        outs = [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--out=")]
+        dirs = [a for a in sys.argv[2:] if not a.startswith("--")]
+        if len(outs) != 1 or len(dirs) < 2:
+            sys.exit("usage: python model.py average HF_DIR HF_DIR [...] --out=OUT_DIR")
+        for d in dirs:
+            if not os.path.isfile(os.path.join(d, "config.json")):
+                sys.exit(f"not an HF checkpoint (no config.json): {d}")
+        print(f"averaged {len(dirs)} checkpoints into {average_checkpoints(dirs, outs[0])}")
+        sys.exit(0)
     if len(sys.argv) < 3 or sys.argv[1] != "tiny":
-        sys.exit("usage: python model.py tiny OUT_DIR [--key=value ...]  (keys: build_tiny / tiny_config_dict arguments)")
+        sys.exit("usage: python model.py tiny OUT_DIR [--key=value ...]  (keys: build_tiny / tiny_config_dict arguments)\n"
+                 "       python model.py average HF_DIR HF_DIR [...] --out=OUT_DIR")
     kw = {k.lstrip("-"): ast.literal_eval(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
     path = build_tiny(sys.argv[2], **kw)
     n = sum(p.numel() for p in QwenVL.from_pretrained(path).parameters())

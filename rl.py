@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 import eval as ev
 import reward
-from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_tokenizer,
-                   render_chat, save_checkpoint, trim_jsonl)
+from model import (QwenVL, barrier, configure, export_hf, keep_hf_export, latest_checkpoint, load_checkpoint,
+                   load_sharded, load_tokenizer, meta_model, render_chat, save_checkpoint, trim_jsonl)
 from rollout import make_engine
 
 # -----------------------------------------------------------------------------
@@ -63,7 +63,8 @@ out_dir = "out/rl"              # metrics.jsonl, rollouts.jsonl, ckpt/, eval/, h
 resume = False                  # continue from out_dir/ckpt/latest (starts fresh if there is none)
 save_every = 50                 # steps between resumable checkpoints (0: only at the end)
 keep_last = 2                   # resumable checkpoints kept on disk
-export_every_save = True        # also write an HF export into every checkpoint (for OVR's checkpoint averaging)
+export_every_save = True        # also write an HF export into every checkpoint (ckpt/step_N/hf)
+keep_hf_exports = 0             # newest N exports kept as out_dir/hf_step_N past keep_last, for model.py average
 # data
 data_path = "data/rl/train.jsonl"  # problems (README, "Data formats"), JSONL or parquet; several files: comma-separated
 data_weights = []               # one mixing weight per data_path file: the share of prompts drawn from it ([]: by size)
@@ -370,12 +371,15 @@ def main():
         pre = json.load(f)
     pixels = dict(min_pixels=min_pixels or pre.get("min_pixels", 56 * 56),
                   max_pixels=max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
-    model = QwenVL.from_pretrained(init_from, device=dev, dtype=torch.float32)
+    # under torchrun: built on the meta device, sharded, then each rank loads only its shard (load_sharded below)
+    model = meta_model(init_from) if ddp else QwenVL.from_pretrained(init_from, device=dev, dtype=torch.float32)
     frozen = [p for p in freeze.split(",") if p]
     for name, p in model.named_parameters():
         p.requires_grad_(not any(name.startswith(f) for f in frozen))
     model.set_gradient_checkpointing(gradient_checkpointing)
-    ref = QwenVL.from_pretrained(init_from, device=dev).requires_grad_(False) if kl_coef else None
+    # the KL reference never takes a step, so it needs no fp32 master copy: it is kept in the compute dtype
+    ref = ((meta_model(init_from, ptdtype) if ddp else QwenVL.from_pretrained(init_from, device=dev, dtype=ptdtype))
+           .requires_grad_(False) if kl_coef else None)
     autocast = torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32 and not ddp else nullcontext()
     # the torch engine generates with the trainer's own module; under FSDP each rank gets a plain replica
     # instead (its forward passes must not be collectives), refreshed by sync_weights
@@ -395,6 +399,7 @@ def main():
                     unit.set_gradient_divide_factor(1.0)
                     unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
             m.set_reduce_scatter_unused_params(True)  # an unused vision tower still joins the reduce-scatter
+            load_sharded(m, init_from, dev)
     eng = make_engine(engine, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
@@ -449,8 +454,10 @@ def main():
         m = {"step": step}
         if step > start and (step == num_steps or (save_every and step % save_every == 0)):
             # each rank walks its own stride of the data: its position is its own
-            save_checkpoint(ckpt_dir, model, optimizer, dict(step=step, config=config), extra=dict(data_state),
-                            keep_last=keep_last, hf=(tokenizer, ptdtype) if export_every_save else None)
+            path = save_checkpoint(ckpt_dir, model, optimizer, dict(step=step, config=config), extra=dict(data_state),
+                                   keep_last=keep_last, hf=(tokenizer, ptdtype) if export_every_save else None)
+            if master and export_every_save and keep_hf_exports:
+                keep_hf_export(os.path.join(path, "hf"), out_dir, keep_hf_exports)
         cap = length_schedule(step, length_stages)
         if eval_problems and eval_every and (step % eval_every == 0 or step == num_steps):
             s = ev.evaluate(eng, eval_problems[rank::world], template, eval_n, temperature, top_p, cap,

@@ -14,7 +14,8 @@ the whole global batch, so it does not depend on how rows fall into micro-batche
 
 Outputs in out_dir: metrics.jsonl (one JSON object per step), ckpt/step_N/ (resumable sharded
 state + hf/ export), ckpt/latest (name of the newest complete checkpoint), hf/ (the final model,
-loadable by QwenVL.from_pretrained, transformers and vLLM). `python sft.py --help` lists the keys.
+loadable by QwenVL.from_pretrained, transformers and vLLM), length_index.json (every sample's length,
+so a resume does not render the data again). `python sft.py --help` lists the keys.
 """
 
 import bisect
@@ -33,8 +34,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_tokenizer,
-                   render_chat, save_checkpoint, trim_jsonl)
+from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
+                   load_tokenizer, meta_model, render_chat, save_checkpoint, trim_jsonl)
 
 # -----------------------------------------------------------------------------
 # config (plain globals; a config file from config/ and --key=value override them)
@@ -159,11 +160,52 @@ def load_sample(paths, ref, tokenizer, pixels, max_len, mode):
     return fit(sample, max_len, mode), len(sample["input_ids"])
 
 
-def build_index(paths, tokenizer, pixels, max_len, mode, rank, world):
+def index_key(paths, tokenizer, pixels, max_len, mode):
+    """What a sample's rendered length depends on, hashed: the data files' bytes, the tokenizer (its whole
+    JSON: vocabulary, merges, special tokens), the chat template, the image pixel bounds and the overlong
+    policy. Image files are not hashed (the data file names them): edit an image in place, delete the cache."""
+    import hashlib
+    from model import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps([CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, list(pixels), max_len, mode]).encode())
+    return h.hexdigest()
+
+
+def read_index_cache(cache, paths, tokenizer, pixels, max_len, mode, n, rank, world):
+    """(key, table): rank 0 hashes the inputs (index_key) and reads `cache` if its key matches, then
+    every rank gets the table (None: render)."""
+    key, table = None, None
+    if rank == 0:
+        key = index_key(paths, tokenizer, pixels, max_len, mode)
+        try:
+            with open(cache) as f:
+                saved = json.load(f)
+            if saved["key"] == key and len(saved["table"]) == n:
+                table = [tuple(row) for row in saved["table"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: render
+    if world > 1:
+        box = [table]
+        dist.broadcast_object_list(box, src=0)
+        table = box[0]
+    return key, table
+
+
+def build_index(paths, tokenizer, pixels, max_len, mode, rank, world, cache=None):
     """Render every sample once (rank r takes samples r, r+W, ...) to learn its length and number of
     target tokens, which packing and the loss denominator need. Any bad sample stops every rank.
-    Every rank ends up with the whole index, so every rank knows the packing of every global batch."""
+    Every rank ends up with the whole index, so every rank knows the packing of every global batch.
+    `cache`: a JSON file that keeps the index under index_key's hash, so a restart or resume on the
+    same data and tokenizer reads it (seconds) instead of rendering again (hours for millions of traces)."""
     refs = scan_files(paths)
+    key, cached = read_index_cache(cache, paths, tokenizer, pixels, max_len, mode, len(refs), rank, world) \
+        if cache else (None, None)
+    if cached is not None:
+        return (refs, *map(list, zip(*cached))) if refs else (refs, [], [], [], [])
     mine, error = {}, None
     for i in range(rank, len(refs), world):
         try:
@@ -182,6 +224,11 @@ def build_index(paths, tokenizer, pixels, max_len, mode, rank, world):
     if errors:
         raise SystemExit(f"bad training data, stopping before training: {errors[0]}")
     table = {k: v for m, _ in parts for k, v in m.items()}
+    if cache and rank == 0:  # written whole, then renamed: a killed run leaves no half-written file
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        with open(cache + ".tmp", "w") as f:
+            json.dump({"key": key, "files": paths, "table": [table[i] for i in range(len(refs))]}, f)
+        os.replace(cache + ".tmp", cache)
     cols = zip(*(table[i] for i in range(len(refs)))) if refs else ((), (), (), ())
     return (refs, *map(list, cols))  # refs, lengths (0: dropped), target counts, untruncated lengths, has-image flags
 
@@ -326,7 +373,8 @@ def main():
     pixels = (min_pixels or pre.get("min_pixels", 56 * 56), max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
     paths = [p.strip() for p in data_path.split(",") if p.strip()]
     t0 = time.time()
-    refs, lengths, n_tgt, n_full, has_img = build_index(paths, tokenizer, pixels, max_seq_len, overlong, rank, world)
+    refs, lengths, n_tgt, n_full, has_img = build_index(paths, tokenizer, pixels, max_seq_len, overlong, rank, world,
+                                                        cache=os.path.join(out_dir, "length_index.json"))
     n_kept = sum(n > 0 for n in lengths)
     n_trunc = sum(0 < n < f for n, f in zip(lengths, n_full))
     rows_per_epoch = [len(epoch_rows(lengths, max_seq_len, seed, e)) for e in range(epochs)]
@@ -339,8 +387,9 @@ def main():
         f"space is real tokens; {rows_per_epoch[0] // batch_size} steps per epoch, {total} steps in all")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    # ---- model: fp32 master weights; FSDP2 shards each decoder layer, the vision tower, then the root
-    model = QwenVL.from_pretrained(init_from, dtype=torch.float32)
+    # ---- model: fp32 master weights; FSDP2 shards each decoder layer, the vision tower, then the root.
+    # Under torchrun the model is built on the meta device and each rank loads only its shard (load_sharded)
+    model = meta_model(init_from) if ddp else QwenVL.from_pretrained(init_from, dtype=torch.float32)
     frozen = [p for p in freeze.split(",") if p]
     freeze_params(model, frozen)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -353,6 +402,7 @@ def main():
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model.visual, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        load_sharded(model, init_from, dev)
         for m in model.modules():  # the loss is already a global mean: gradients SUM over ranks, not average
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
