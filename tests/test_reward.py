@@ -119,11 +119,38 @@ RULES = {
     "plain words": [
         ("Evelyn", "evelyn", T), ("\\text{Evelyn}", "Evelyn.", T), ("\\text{even}", "even", T), ("no solution", "No Solution", T),
         ("yes", "No", F), ("odd", "even", F), ("\\text{east}", "west", F)],
-    "numeric tolerance": [
-        ("\\frac{1}{3}", "0.333", T), ("\\frac{2}{3}", "0.6667", T), ("\\pi", "3.14159", T), ("\\sqrt{2}", "1.414", T),
-        ("\\frac{1}{12}", "0.0833333333333333", T), ("1/2^{98}", "1/2^{99}", F), ("1/2004!", "1/2006!", F),
-        ("\\frac{1}{3}", "0.3", F), ("\\frac{2}{3}", "0.67", F), ("0.1", "0.1000000001", F), ("10^{-20}", "10^{-21}", F),
-        ("2", "2.0001", F), ("16386.17", "16386.16", F), ("e^{-100}", "0", F), ("640320^3+744", "e^{\\pi\\sqrt{163}}", F)],
+    "numeric tolerance (exact values)": [
+        ("1/2^{98}", "1/2^{98}", T), ("e^{\\pi\\sqrt{163}}", "e^{\\sqrt{163}\\pi}", T), ("1/2^{98}", "1/2^{99}", F),
+        ("1/2004!", "1/2006!", F), ("0.1", "0.1000000001", F), ("10^{-20}", "10^{-21}", F), ("2", "2.0001", F),
+        ("16386.17", "16386.16", F), ("e^{-100}", "0", F), ("640320^3+744", "e^{\\pi\\sqrt{163}}", F)],
+    "labelled golds and ratios": [
+        ("V_1:V_2=11:21", "11:21", T), ("V_{1}:V_{2}=11:21", "22:42", T), ("S_{MBCN}:S=7:32", "7:32", T),
+        ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{1}{\\sqrt{6}}", T), ("A:B=1", "1", T),
+        ("V_1:V_2=11:21", "21:11", F), ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{1}{\\sqrt{5}}", F),
+        ("12:00", "1:00", F), ("7 = 11a+c", "11a+c", F)],
+    "list glue": [
+        ("19, 46, and 82", "19, 46, \\text{ and } 82", T), ("(11,7)or(7,11)", "(7,11),\\ (11,7)", T),
+        ("x_{1}=2,\\quadx_{2}=3", "2, 3", T), ("p=5,q=2;p=7,q=2", "(5,2),(7,2)", T),
+        ("19, 46, and 82", "19, 46", F), ("(11,7)or(7,11)", "(7,11)", F), ("p=5,q=2;p=7,q=2", "(5,2),(2,7)", F)],
+    "absolute-value inequalities vs intervals": [
+        ("1\\leq|z|\\leq \\frac{3}{2}", "z \\in \\left[-\\frac{3}{2}, -1\\right] \\cup \\left[1, \\frac{3}{2}\\right]", T),
+        ("|x| < 2", "(-2, 2)", T), ("|x| > 3", "(-\\infty,-3)\\cup(3,\\infty)", T), ("0<|x|\\le 1", "[-1,0)\\cup(0,1]", T),
+        ("1\\leq|z|\\leq 2", "[1, 2]", F), ("|x|<2", "[-2,2]", F), ("|x| > 3", "(3,\\infty)", F)],
+    "decimal commas and currency": [
+        ("2.74", "2,74 \\$", T), ("2.74", "Soucis : 2,74 $ a..", T), ("1000.99", "1,000.99€", T), ("5", "£5", T),
+        ("2.74", "2,75 $", F), ("1000", "1,000.99€", F), ("2", "AZYUK2A", F)],
+    "percent": [
+        ("12.5\\%", "12.5%", T), ("100\\%", "The error increases by 100%.", T), ("5\\%", "5 \\text{ percent}", T),
+        ("50\\%", "0.05", F), ("12.5\\%", "0.0125", F)],
+    "Greek letters with subscripts": [
+        ("\\theta_1", "\\theta_{1}", T), ("\\omega_L", "\\omega_{L}", T), ("2\\theta_1", "\\theta_1 + \\theta_1", T),
+        ("\\alpha_1 + \\beta_2", "\\beta_{2} + \\alpha_{1}", T), ("\\theta_1", "\\theta_2", F), ("\\omega_L", "\\omega", F)],
+    "inverse trig": [
+        ("\\sin^{-1}(1/2)", "\\frac{\\pi}{6}", T), ("\\arcsin x", "\\sin^{-1} x", T), ("\\tan^{-1} 1", "\\frac{\\pi}{4}", T),
+        ("\\cos^{-1}(0)", "\\frac{\\pi}{2}", T), ("\\sin^{-1}(1/2)", "2", F), ("\\frac{1}{\\sin x}", "\\sin^{-1} x", F)],
+    "degrees inside trig": [
+        ("\\frac{1}{2}", "\\sin 30^\\circ", T), ("\\frac{\\sqrt{3}}{2}", "\\cos(30°)", T), ("1", "\\tan 45^{\\circ}", T),
+        ("\\frac{1}{2}", "\\sin 30", F), ("\\frac{1}{2}", "\\cos 30^\\circ", F)],
     "symbolic expressions": [
         ("\\frac{x+2}{7}", "\\frac{x}{7} + \\frac{2}{7}", T), ("\\tan^2 y + 1", "\\sec^2 y", T),
         ("(a+b)^2", "a^2 + 2ab + b^2", T), ("2\\sin x \\cos x", "\\sin 2x", T), ("\\frac{1}{\\sqrt{n}}", "\\sqrt{\\frac{1}{n}}", T),
@@ -165,7 +192,15 @@ def test_multiple_choice_with_option_texts():
     ("\\boxed{a} then \\boxed{\\frac{\\sqrt{2}}{\\{3\\}}}", "\\frac{\\sqrt{2}}{\\{3\\}}"),  # last, nested braces
     ("we get \\boxed 5$ done", "5"),
     ("\\fbox{7}", "7"),
-    ("<think>try \\boxed{1}</think> <answer>2</answer>", "1"),  # a boxed answer anywhere comes first
+    ("<think>try \\boxed{1}</think> <answer>2</answer>", "2"),  # only the text after </think> counts
+    ("<think>so \\boxed{1}</think> no box here", None),
+    ("\\boxed{1}. Wait, that is wrong. The final answer is 2.", "2"),  # the last marker wins
+    ("The final answer is $\\boxed{3}$. I hope it is correct.", "3"),
+    ("\\boxed{4}. I think the answer is correct.", "4"),  # a weak "answer is" never beats a box
+    ("<answer>\\boxed{5}</answer>", "5"),
+    ("$y_1 = \\boxed{2}$ and $y_2 = \\boxed{3}$", "2, 3"),  # a label between boxes is glue too
+    ("\\boxed{1} papers and \\boxed{2} bins", "1, 2"),
+    ("\\boxed{1} is wrong, so \\boxed{2}", "2"),
     ("<think>hmm</think><answer> 42 </answer>", "42"),
     ("... The final answer is $28\\%$. I hope it is correct.", "$28\\%$"),
     ("Answer: 17", "17"),
