@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -187,6 +188,67 @@ def test_multiple_choice_with_option_texts():
     assert is_equiv("C", "7", choices)             # gold given as text, pred as letter
 
 
+# The decimal rule (reward.py's docstring), not symmetric: (gold, pred, expected), both directions.
+DECIMALS = [
+    # an exact gold with a finite decimal expansion: only that exact value
+    ("3", "3.0", T), ("3", "3.00", T), ("\\frac38", "0.375", T), ("1500", "1.5\\times10^{3}", T),
+    ("3", "2.99", F), ("100", "99.9", F), ("10", "9.99", F), ("4", "3.99", F), ("9", "8.99", F), ("70", "69.9", F),
+    ("200", "199.9", F), ("3", "3.01", F), ("\\frac38", "0.38", F), ("2024", "2.02\\times10^3", F),
+    # an exact gold with no finite decimal: correctly rounded, at least 4 significant digits
+    ("\\sqrt{2}", "1.414", T), ("\\sqrt{2}", "1.4142", T), ("\\pi", "3.142", T), ("\\pi", "3.14159", T),
+    ("\\frac{1}{3}", "0.3333", T), ("\\frac{2}{3}", "0.6667", T), ("\\frac{1}{12}", "0.0833333333333333", T),
+    ("2024\\pi", "6358.6", T), ("e^{-10}", "0.00004540", T), ("\\sqrt{2}", "1.41", F), ("\\pi", "3.14", F),
+    ("\\pi", "3.141", F), ("\\frac{1}{3}", "0.333", F), ("\\frac{2}{3}", "0.6666", F), ("\\frac{2}{3}", "0.67", F),
+    ("e^{-10}", "0.0000454", F), ("2024\\pi", "6359", F),  # an integer is an exact claim
+    # a decimal gold sets the precision asked for: an exact prediction that rounds to it (2+ digits)
+    ("0.33", "\\frac13", T), ("3.14", "\\pi", T), ("1.41", "\\sqrt{2}", T), ("4.4", "\\sqrt{19}", T),
+    ("2.5", "\\frac52", T), ("3.14", "\\frac{22}{7}", T),  # a 3-digit gold cannot tell 22/7 from pi
+    ("0.34", "\\frac13", F), ("3.15", "\\pi", F), ("0.3", "\\frac13", F),
+    ("2.5", "\\frac{51}{20}", F), ("0.5", "\\frac{51}{100}", F),
+    # decimal against decimal: equal values only
+    ("2.5", "2.50", T), ("0.125", ".125", T), ("2.5", "2.54", F), ("0.33", "0.333", F), ("0.333", "0.33", F),
+    # matrices and intervals, cell by cell
+    ("\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", "\\begin{pmatrix}0.3333\\\\0.2\\end{pmatrix}", T),
+    ("\\begin{pmatrix}0.33\\\\0.2\\end{pmatrix}", "\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", T),
+    ("(\\frac{3}{5},\\frac{8}{3}]", "(0.6,2.6667]", T),
+    ("\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", "\\begin{pmatrix}0.33\\\\0.2\\end{pmatrix}", F),
+    ("\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", "\\begin{pmatrix}0.3333\\\\0.21\\end{pmatrix}", F),
+    ("(\\frac{3}{5},\\frac{8}{3}]", "(0.6,2.67]", F),
+]
+
+
+@pytest.mark.parametrize("gold,pred,expected", DECIMALS)
+def test_decimal_rule(gold, pred, expected):
+    assert is_equiv(pred, gold) is expected
+
+
+# Reward hacks: answers a policy could learn to write that must never pay. Every row is False.
+HACKS = [
+    # near misses on both sides of each rounding boundary
+    ("3", "2.9999"), ("3", "3.0001"), ("3", "2.99999999999"), ("\\sqrt{2}", "1.4141"), ("\\sqrt{2}", "1.4143"),
+    ("\\frac13", "0.3332"), ("\\frac13", "0.3334"), ("\\pi", "3.1415"), ("\\pi", "3.1417"),
+    ("0.33", "\\frac{1}{2.98}"), ("0.33", "\\sqrt{0.1123}"), ("3.14", "\\sqrt{9.9}"), ("3.14", "\\sqrt{9.82}"), ("100", "99.99"),
+    # candidate lists for a single answer
+    ("1", "\\boxed{1} or \\boxed{2}"), ("3", "\\boxed{1, 2, 3, 4, 5}"), ("2", "2 \\text{ or } 3"),
+    ("3", "\\boxed{2} \\text{ or } \\boxed{3}"), ("\\{1,2\\}", "\\{1,2,3\\}"), ("(1,2)", "(1,2),(2,1)"),
+    ("3", "3, 3, 4"), ("x = 3", "x = 3 \\text{ or } x = 4"), ("B", "\\text{A, B, C or D}"),
+    # free variables
+    ("3", "x"), ("5", "n"), ("3", "3x"), ("3", "3 + x - x + y"), ("\\frac{1}{2}", "\\frac{a}{b}"),
+    # tautologies and statements that say nothing
+    ("3", "x = x"), ("5", "0 = 0"), ("3", "1 < 2"), ("3", "x \\le x"), ("3", "x \\in \\mathbb{R}"),
+    ("3", "\\mathbb{R}"), ("3", "(-\\infty, \\infty)"), ("3", "\\infty"), ("3", "\\frac{0}{0}"), ("3", "1/0"),
+    ("7", "\\text{undefined}"), ("x > 2", "x > x"),
+    # \pm for a single value
+    ("2", "\\pm 2"), ("3", "\\pm 3"), ("1+\\sqrt{2}", "1 \\pm \\sqrt{2}"), ("-4", "\\mp 4"),
+]
+
+
+@pytest.mark.parametrize("gold,pred", HACKS)
+def test_reward_hacks_never_pay(gold, pred):
+    assert is_equiv(pred, gold) is False
+    assert compute_reward(f"<think>...</think> The answer is $\\boxed{{{pred}}}$.", gold) == 0.0
+
+
 @pytest.mark.parametrize("text,expected", [
     ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("\\boxed{a} then \\boxed{\\frac{\\sqrt{2}}{\\{3\\}}}", "\\frac{\\sqrt{2}}{\\{3\\}}"),  # last, nested braces
@@ -225,6 +287,78 @@ def test_extract_answer(text, expected):
 ])
 def test_whole_responses(gold, response, expected):
     assert is_equiv(response, gold) is expected
+
+
+# -----------------------------------------------------------------------------
+# HF Math-Verify's own test cases (MIT licence), from its sdist, against is_equiv. Get the sdist with
+#   pip download --no-binary=:all: --no-deps math-verify==0.9.0 -d DIR; export MATH_VERIFY_SDIST=DIR/math_verify-0.9.0.tar.gz
+# Every pytest table of (gold, pred, expected) in its tests/ runs, except rows that ask upstream for a
+# non-default setting (allow_set_relation_comp=True, strict=False). Where upstream's expected verdict and
+# ours differ, the row is listed here with the reason; the test fails on any other difference.
+UPSTREAM_DISAGREE = {
+    # Math-Verify issue #82: the LaTeX fails to parse upstream and both sides fall back to the number 1;
+    # 1 - 1/e and 1 + 1/e are different numbers.
+    ("$1 - \\frac{1}{\\mathrm{e}}$", "$1 + \\frac{1}{\\mathrm{e}}$"),
+    # upstream runs this row with float_rounding=2; our rule asks a decimal prediction for 1/3 to state
+    # four significant digits (0.3333), see the decimal rule in reward.py
+    ("$(\\begin{pmatrix}\\frac{1}{3}\\\\ \\frac{1}{5} \\end{pmatrix})$", "$\\begin{pmatrix}0.33\\\\0.2 \\end{pmatrix}$"),
+    # upstream is deliberately asymmetric (a gold set vs a predicted relation is False unless
+    # allow_set_relation_comp); is_equiv is symmetric here: -2 <= x <= 7 states the set [-2, 7]
+    (r"$x \in [-2,7]$", r"$-2 \\le x \\le 7$"),
+    # upstream's boxed="all" joins every box in the gold; we join boxes only across glue (and, or, commas),
+    # so "\boxed{35 cm} ++++++ \boxed{4}" answers 4
+    ("$\\\\boxed{35 cm} ++++++ \\\\boxed{4}$", "${35 cm,4}$"),
+    # W(n) = 1 vs W(x) = 1: different labels are different statements, as x = 3 vs y = 3 (upstream's
+    # own strict mode says the same of f(x) vs f(y) in test_strict.py)
+    ("\\\\boxed{W(n) = 1 \\\\text{ and } W(n) = -1", "W(x)=1orW(x)=-1"),
+}
+
+
+def _upstream_cases(sdist):
+    """(file, gold, pred, expected) from the pytest.mark.parametrize tables of an sdist's tests/*.py."""
+    import ast
+    import tarfile
+    sources = []
+    if os.path.isdir(sdist):
+        for root, _, files in os.walk(sdist):
+            sources += [(f, open(os.path.join(root, f)).read()) for f in files if f.startswith("test_") and
+                        f.endswith(".py") and os.path.basename(root) == "tests"]
+    else:
+        with tarfile.open(sdist) as tar:
+            sources = [(os.path.basename(m.name), tar.extractfile(m).read().decode()) for m in tar.getmembers()
+                       if re.fullmatch(r"[^/]+/tests/test_\w+\.py", m.name)]
+    cases = []
+    for name, src in sorted(sources):
+        for node in ast.walk(ast.parse(src)):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "parametrize"):
+                continue
+            names = [n.strip() for n in ast.literal_eval(node.args[0]).split(",")]
+            if not {"gold", "pred"} <= set(names) or not isinstance(node.args[1], ast.List):
+                continue
+            for elt in node.args[1].elts:
+                try:
+                    row = dict(zip(names, ast.literal_eval(elt)))
+                except ValueError:  # an f-string row: built at import time upstream, not data
+                    continue
+                if row.get("allow_set_relation_comp") or row.get("strict") is False:
+                    continue
+                cases.append((name, row["gold"], row["pred"], bool(row.get("expected", row.get("result")))))
+    return cases
+
+
+def test_math_verify_upstream_suite(capsys):
+    sdist = os.environ.get("MATH_VERIFY_SDIST")
+    if not sdist or not os.path.exists(sdist):
+        pytest.skip("set MATH_VERIFY_SDIST to math-verify's sdist (see the comment above this test)")
+    cases = _upstream_cases(sdist)
+    assert len(cases) > 200, f"only {len(cases)} cases read from {sdist}"
+    differ = {(g, p) for _, g, p, e in cases if is_equiv(p, g) is not e}
+    agree = len(cases) - len(differ)
+    with capsys.disabled():
+        print(f"\nMath-Verify upstream suite: {agree}/{len(cases)} agree ({100 * agree / len(cases):.1f}%)")
+    assert differ - UPSTREAM_DISAGREE == set(), "new disagreements with upstream"
+    assert UPSTREAM_DISAGREE - differ == set(), "listed disagreements that now agree: drop them from the list"
+    assert agree >= 0.98 * len(cases)
 
 
 # -----------------------------------------------------------------------------
