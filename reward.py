@@ -1,13 +1,15 @@
 """
 reward.py: answer extraction, a safe sympy answer verifier, the RL reward and an optional LLM judge.
 
-The one definition of "correct" for the project: rl.py rewards and eval.py scores call is_equiv.
-It reads text written by a policy under optimisation, so:
+The one definition of "correct" for the project: rl.py's reward and eval.py's score are both
+compute_reward (extract_answer, then is_equiv; the decimal rule is in is_equiv's docstring), run through
+batch_rewards. It reads text written by a policy under optimisation, so:
   - model text is never evaluated as Python (no sympify / parse_expr / eval on strings): a small
     tokenizer and recursive-descent parser build sympy objects directly;
   - every call is bounded without signals (works from threads and worker processes): input length,
-    nesting depth, integer sizes (powers, factorials, binomials) are capped *before* sympy is asked
-    to compute, and symbolic equality is tested numerically at fixed points instead of simplify();
+    nesting depth, integer sizes (powers, factorials, binomials) and the arguments of exp, trig and
+    powers are capped *before* sympy is asked to compute, and symbolic equality is tested numerically
+    at fixed points instead of simplify(); batch_rewards adds a hard per-call deadline on top;
   - anything unexpected degrades to False, never to an exception.
 No torch import: this file can be copied alone into another project (needs sympy only).
 
@@ -358,7 +360,7 @@ def _tame(e, subs=None):
 
 
 def _binom(n, k):
-    if n.is_Integer and n > 20000:
+    if any(x.is_number and abs(complex(x)) > 20000 for x in (n, k)):  # binom(x, 10^3000) at x = 0.8: minutes
         raise _Fail("binomial too large")
     return sp.binomial(n, k)
 
@@ -987,9 +989,25 @@ def _eq(a, b):
 # public API
 
 def is_equiv(pred, gold, choices=None, budget_s=1.0):
-    """Mathematical equivalence of two answers (LaTeX or plain; a whole response is reduced to its
-    answer). choices: option texts for a multiple-choice question (letters A, B, ... in order).
-    Never raises; bounded time (budget_s of comparisons, plus capped parsing); unreadable -> False."""
+    """Mathematical equivalence of a predicted and a gold answer (LaTeX or plain; a whole response is
+    reduced to its answer). choices: option texts for a multiple-choice question (letters A, B, ... in order).
+    Never raises; unreadable -> False. Time: budget_s of comparisons plus capped parsing, under 2 s a call
+    from any thread on one core (tests/test_reward.py's hostile table); batch_rewards adds a hard deadline.
+
+    Exact values compare exactly (1/2^98 is not 1/2^99). A decimal number as written (2.50, 1.5e3) is the
+    only thing compared with rounding, and the rule depends on which side it is on:
+      - exact gold, decimal prediction: if the gold has a finite decimal expansion (3, 3/8, 2024) the decimal
+        must be that exact value (3.0 yes, 2.99 no, 2.02e3 no). Otherwise (1/3, sqrt 2, pi) it must be the
+        gold correctly rounded to its last stated digit, with at least MIN_SIG = 4 significant digits
+        (sqrt 2: 1.414 yes, 1.41 no, 1.415 no; pi: 3.142 yes, 3.141 no). The gold is never rounded to fit
+        a shorter prediction.
+      - decimal gold, exact prediction: the gold's stated digits are the precision the task asks for
+        (MathVerse's "4.4 m", MathVision's two decimals): an exact prediction with no finite decimal
+        expansion passes when it rounds to the gold (0.33: 1/3 yes; 3.14: pi yes). A one-digit decimal
+        (0.5, 0.3) and a prediction with a finite expansion (51/100 for 0.5) must match exactly.
+      - decimal against decimal: equal values only (2.5 = 2.50; 2.54 is not 2.5, 0.333 is not 0.33).
+    Math-Verify rounds both sides to 6 decimals and Qwen2.5-Math's grader allows 1e-4 relative error; both
+    accept 2.9999999 for 3, which this rule does not. Matrices and intervals apply it cell by cell."""
     try:
         if pred is None or gold is None or len(str(pred)) > MAX_TEXT or len(str(gold)) > MAX_TEXT:
             return False

@@ -370,7 +370,12 @@ HOSTILE = ["9^{9^{9^{9}}}", "100000!", "10^{10^{10}}", "x" * 100_000, "{" * 5000
            "\\sqrt{" + "7" * 900 + "}", "\\cdot".join("\\sqrt{7^{180}+%d}" % k for k in range(40)),
            "\\binom{100000}{50000}", "(5000!)!", "\\sqrt{2}^{100000}", "e^{e^{e^{e^{e^{e^{10}}}}}}", "\\tan(\\pi/2)",
            "1/0", "\\begin{pmatrix}" + "1&" * 500 + "1\\end{pmatrix}", ",".join(["1"] * 400),
-           "\\lceil e^{2^{60000}} \\rceil", "0.\\overline{" + "9" * 900 + "}"]
+           "\\lceil e^{2^{60000}} \\rceil", "0.\\overline{" + "9" * 900 + "}",
+           # exp and friends: one evalf of exp(10^3000) took 10 s before their arguments were capped
+           "\\exp(10^{3000})", "\\exp(10^{10000})", "\\exp(-10^{4000})", "e^{x 10^{3000}}", "x^{10^{3000}}",
+           "(x+1)^{10^{3000}}", "\\sin(10^{3000} i)", "\\cosh(10^{4000})", "\\exp(\\exp(\\exp(10)))",
+           "\\sin(x 10^{3000}) + \\exp(x^{9} 10^{900})", "2^{\\exp(10^{3000})}", "\\tanh(10^{4000})",
+           "\\begin{pmatrix}1&1\\\\1&0\\end{pmatrix}^{100000}", "\\sin^{-1}(10^{3000})", "\\sin 10^{3000}^\\circ"]
 GOLDS = ["1", "9^{9^{9^{9}}}", "\\frac{1}{2}", "x+1"]
 
 
@@ -411,6 +416,32 @@ def test_hostile_inputs_bounded_from_threads():
         verdicts = list(ex.map(lambda c: is_equiv(c[2], c[1]), CASES))  # same verdicts from threads
     assert worst < 2.0
     assert verdicts == [c[3] for c in CASES]
+
+
+def test_eval_path_is_bounded_too():
+    """eval.py scores through the same worker pool: a hostile response costs at most its deadline."""
+    import eval as ev
+    hostile = ["\\boxed{%s}" % h for h in HOSTILE[-15:]]  # the exp / trig / power growth paths
+    t = time.perf_counter()
+    scores = ev.score_responses(hostile + ["\\boxed{1}"], [{"answer": "1"}] * (len(hostile) + 1), timeout=2.0)
+    dt = time.perf_counter() - t
+    assert [s["correct"] for s in scores] == [False] * len(hostile) + [True]
+    assert dt < 2.0 * (1 + len(scores)) + 30  # the pool's deadline, plus starting spawn workers
+
+
+@pytest.mark.parametrize("response,gold,pred,correct", [
+    ("<think>\\boxed{1}</think> so \\boxed{2}", "2", "2", T),
+    ("<think>\\boxed{2}</think> no box after thinking", "2", None, F),
+    ("\\boxed{1}. Wait, no. The final answer is 2.", "2", "2", T),
+    ("The final answer is $10,455$. I hope it is correct.", "10455", "$10,455$", T),
+    ("<think>x</think> $\\boxed{\\frac{1}{2}}$ as computed, done.", "0.5", "\\frac{1}{2}", T),
+    ("\\boxed{1} or \\boxed{2}", "1", "1, 2", F),
+])
+def test_eval_and_reward_read_the_same_answer(response, gold, pred, correct):
+    import eval as ev
+    assert extract_answer(response) == pred
+    assert compute_reward(response, gold) == float(correct)
+    assert ev.score_response(response, {"answer": gold}) == {"correct": correct, "pred": pred}
 
 
 def test_batch_rewards_in_worker_processes():
