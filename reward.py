@@ -132,7 +132,8 @@ _NUMBER = r"(?<![A-Za-z\d.])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?(?!\d)"  # not the 2 
 def _prose(s):
     """Is s still a sentence (two words, one of 3+ letters; LaTeX commands and math words aside)?"""
     s = re.sub(r"\\[a-z]+\{[^{}]*\}|_\{[^{}]*\}|_\w", "", s)  # \text{cm}, S_{MBCN}
-    words = [w for w in re.findall(r"(?<![\\a-zA-Z])[A-Za-z]+", s) if w not in _WORDS]
+    words = [w for w in re.findall(r"(?<![\\a-zA-Z])[A-Za-z]+", s)
+             if w not in _WORDS and not re.fullmatch(_UNITS + "|" + _SHORT_UNITS, w)]
     return len(words) >= 2 and any(len(w) >= 3 for w in words)
 
 
@@ -147,6 +148,9 @@ def _answer_text(s):
     s = re.sub(r"\.?\s*I hope it is correct\.?", "", s[-2000:])  # the end holds the answer; regexes stay cheap
     if len(s) < 200 and re.search(r"\sis\s[^\n]*[\d$\\]", s):  # "The largest $n$ is 34", not "$x>5$ is it"
         s = re.split(r"\sis\s", s)[-1]
+    s = re.sub(r"([A-Za-z])\s*\$\s*\^\s*\{?\d\}?\s*\$", r"\1", s)  # MathVerse's "113.097 units $^{2}$"
+    if len(re.findall(r"\b[a-z]+\s*:\s*(?=[-\d(\[$\\])", s)) >= 2:  # "domain: [-4, 4] and range: [0, 2]"
+        s = re.sub(r"\b[a-z]+\s*:\s*(?=[-\d(\[$\\])", "", s)
     spans = list(re.finditer(_MATH, s, re.S))
     if spans:
         texts = [next((x for x in m.groups() if x), "") for m in spans]
@@ -175,6 +179,8 @@ _UNITS = ("cm|mm|km|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|feet|fo
           "seconds?|secs?|days?|weeks?|months?|years?|kg|grams?|kilograms?|pounds?|lbs?|oz|ounces?|mph|"
           "liters?|litres?|ml|gallons?|mL|ways|people|students|points|times|digits|numbers|integers")
 _SHORT_UNITS = "m|h|s|g|l|in"  # only right after a number: "\pi r^2 h" keeps its h
+_POWER = r"(?:\s*\^\s*\{?\d\}?)?"
+_UNIT = rf"(?:{_UNITS})\b{_POWER}(?:\s*/\s*(?:{_UNITS}|{_SHORT_UNITS})\b{_POWER})?"  # 10km / h, 1690cm^2
 _TEXT_CMDS = "text|textbf|textit|textnormal|textrm|mathrm|mathit|mathbf|mathsf|mbox|operatorname|textsf"
 _NOISE = re.compile(r"(?<!\\)\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle|textstyle|limits|"
                     r"!|,|;|:| |quad|qquad)(?![a-zA-Z])|~")
@@ -182,6 +188,7 @@ _NOISE = re.compile(r"(?<!\\)\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|display
 
 def _clean(s):
     """Math text with LaTeX noise removed; units, degrees and currency dropped."""
+    s = re.sub(r"(\d)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|掳)\s*T\b", r"\1", s)  # a true bearing, 315°T: 315
     if re.search(r"\\(?:sin|cos|tan|sec|csc|cot)(?![a-z])", s):  # inside trig, 30^\circ is pi/6, not 30 rad
         s = re.sub(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)", r"(\1\\pi/180)", s)
     for k, v in _UNICODE.items():
@@ -191,6 +198,8 @@ def _clean(s):
     s = re.sub(r"[€£¥]|\\euro\b|\\pounds\b", " ", s)
     s = s.replace("\\[", " ").replace("\\]", " ").replace("{,}", "").replace(",\\!", "")
     s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\\(" + _TEXT_CMDS + r")\s+\{", r"\\\1{", s)  # \text { units }
+    s = re.sub(r"^\s*[A-Za-z][A-Za-z .]*[A-Za-z]{3}[A-Za-z .]*=(?!=)", "", s)  # "slope =-4", "Area of sector ="
     s = _NOISE.sub(" ", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)  # 90^\circ == 90
     s = re.sub(r"\\%|\s*\b(?:percent(?:age)?|pct)\b", "%", s)
@@ -198,7 +207,7 @@ def _clean(s):
     s = re.sub(r",(?:\s*,)+", ",", s)  # 19, 46, and 82
     for _ in range(2):  # trailing unit: \text{ cm}^2 after something, or a bare unit word after a number
         s = re.sub(r"(?<=\S)\s*\\(?:" + _TEXT_CMDS + r")\{[^{}]*\}\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
-        s = re.sub(r"(?<=[\d}) ])\s*\b(?:" + _UNITS + r")\b\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
+        s = re.sub(r"(?<=[\d}) ])\s*(?:" + _UNIT + r")\s*[.,;]?\s*$", "", s.strip())
         s = re.sub(r"(^|[^^_\w.{])(\d+(?:\.\d+)?)\s*(?:" + _SHORT_UNITS + r")\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$",
                    r"\1\2", s)
     s = s.strip().rstrip(".,;").lstrip("=:").strip()  # "Area $=9 \pi$" -> "9 \pi"
@@ -343,8 +352,8 @@ def _tame(e, subs=None):
         return e
     for a in sorted(e.atoms(*_GROWTH), key=lambda a: sum(1 for _ in sp.preorder_traversal(a))):
         x = a.exp if isinstance(a, sp.Pow) else a.args[0]
-        if isinstance(a, sp.Pow) and x.is_Integer and abs(x) <= 1000:
-            continue  # sizes of integer powers are capped in _pow
+        if (isinstance(a, sp.Pow) and x.is_Integer and abs(x) <= 1000) or (subs is None and a.free_symbols):
+            continue  # sizes of integer powers are capped in _pow; symbols are checked at the test points
         try:
             v = complex(x.evalf(15, subs=subs))
             if isinstance(a, sp.Pow):
@@ -858,6 +867,8 @@ def _rel_value(r):
     numeric = all(x[0] == "x" and not isinstance(x[1], sp.MatrixBase) and not x[1].free_symbols for x in xs)
     if all(o in ("=", "~") for o in ops) and (_label(xs[0]) or len(xs) > 2 or numeric):
         return xs[-1]  # x = 3, a = b = 3, and a computation 2 + 3 = 5 state their last side
+    if ops == ("=",) and _label(xs[1]) and xs[0][0] != "rel" and not (xs[0][0] == "x" and xs[0][1].free_symbols):
+        return xs[0]  # 5 = s
     if ops == ("in",) and _label(xs[0]):
         return xs[1]
     if 0 < len(ops) <= 2 and all(o in ("<", "<=", ">", ">=") for o in ops):
