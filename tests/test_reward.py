@@ -289,6 +289,15 @@ def test_whole_responses(gold, response, expected):
     assert is_equiv(response, gold) is expected
 
 
+def test_public_answer_keys():
+    """Golds copied from MathVerse and MATH-500 (tests/data/README.md), predictions and verdicts by hand."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "answer_keys.jsonl")
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert len(rows) > 100 and {r["source"] for r in rows} == {"mathverse", "math500"}
+    wrong = [(r["gold"], r["pred"], r["expected"]) for r in rows if is_equiv(r["pred"], r["gold"]) is not r["expected"]]
+    assert wrong == []
+
+
 # -----------------------------------------------------------------------------
 # HF Math-Verify's own test cases (MIT licence), from its sdist, against is_equiv. Get the sdist with
 #   pip download --no-binary=:all: --no-deps math-verify==0.9.0 -d DIR; export MATH_VERIFY_SDIST=DIR/math_verify-0.9.0.tar.gz
@@ -375,7 +384,8 @@ HOSTILE = ["9^{9^{9^{9}}}", "100000!", "10^{10^{10}}", "x" * 100_000, "{" * 5000
            "\\exp(10^{3000})", "\\exp(10^{10000})", "\\exp(-10^{4000})", "e^{x 10^{3000}}", "x^{10^{3000}}",
            "(x+1)^{10^{3000}}", "\\sin(10^{3000} i)", "\\cosh(10^{4000})", "\\exp(\\exp(\\exp(10)))",
            "\\sin(x 10^{3000}) + \\exp(x^{9} 10^{900})", "2^{\\exp(10^{3000})}", "\\tanh(10^{4000})",
-           "\\begin{pmatrix}1&1\\\\1&0\\end{pmatrix}^{100000}", "\\sin^{-1}(10^{3000})", "\\sin 10^{3000}^\\circ"]
+           "\\begin{pmatrix}1&1\\\\1&0\\end{pmatrix}^{100000}", "\\sin^{-1}(10^{3000})", "\\sin 10^{3000}^\\circ",
+           "\\binom{x}{10^{3000}}", "e^{e^{x^{9}}}", "(x^{9})!"]
 GOLDS = ["1", "9^{9^{9^{9}}}", "\\frac{1}{2}", "x+1"]
 
 
