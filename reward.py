@@ -132,11 +132,11 @@ _NUMBER = r"(?<![A-Za-z\d.])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?(?!\d)"  # not the 2 
 def _prose(s):
     """Is s still a sentence (two words, one of 3+ letters; LaTeX commands and math words aside)?"""
     s = re.sub(r"\\[a-z]+\{[^{}]*\}|_\{[^{}]*\}|_\w", "", s)  # \text{cm}, S_{MBCN}
-    words = [w for w in re.findall(r"(?<![\\a-zA-Z])[A-Za-z]+", s)
-             if w not in _WORDS and not re.fullmatch(_UNITS + "|" + _SHORT_UNITS, w)]
+    words = [w for w in re.findall(r"(?<![\\a-zA-Z])[A-Za-z]+", s) if w not in _WORDS and not _UNIT_WORD.fullmatch(w)]
     return len(words) >= 2 and any(len(w) >= 3 for w in words)
 
 
+@lru_cache(maxsize=1 << 14)  # golds repeat (a group of samples per prompt)
 def _answer_text(s):
     """The answer part of a string given to is_equiv: a clean answer stays as it is, a whole response
     is reduced to its answer: extract_answer; then "X is 34" -> 34; then the math spans ($...$, \\(...\\))
@@ -179,6 +179,7 @@ _UNITS = ("cm|mm|km|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|feet|fo
           "seconds?|secs?|days?|weeks?|months?|years?|kg|grams?|kilograms?|pounds?|lbs?|oz|ounces?|mph|"
           "liters?|litres?|ml|gallons?|mL|ways|people|students|points|times|digits|numbers|integers")
 _SHORT_UNITS = "m|h|s|g|l|in"  # only right after a number: "\pi r^2 h" keeps its h
+_UNIT_WORD = re.compile(_UNITS + "|" + _SHORT_UNITS)
 _POWER = r"(?:\s*\^\s*\{?\d\}?)?"
 _UNIT = rf"(?:{_UNITS})\b{_POWER}(?:\s*/\s*(?:{_UNITS}|{_SHORT_UNITS})\b{_POWER})?"  # 10km / h, 1690cm^2
 _TEXT_CMDS = "text|textbf|textit|textnormal|textrm|mathrm|mathit|mathbf|mathsf|mbox|operatorname|textsf"
