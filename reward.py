@@ -1141,6 +1141,11 @@ def _close_pool():  # before interpreter teardown, or the pool's finalizer fails
         _POOL = None
 
 
+def _ready(_):
+    time.sleep(0.2)  # long enough that each worker takes one of these, after importing this module
+    return True
+
+
 def batch_rewards(responses, golds, choices=None, truncated=None, workers=2, timeout=2.0, **kw):
     """compute_reward over a batch in worker processes. Calls are queued `workers` at a time, each
     one bounded by `timeout` seconds: results not back by then count 0 and the pool is replaced."""
@@ -1150,6 +1155,9 @@ def batch_rewards(responses, golds, choices=None, truncated=None, workers=2, tim
     truncated = truncated or [False] * n
     if _POOL is None:  # spawn, not fork: the caller holds torch threads
         _POOL = mp.get_context("spawn").Pool(workers)
+        # start-up (a fresh interpreter importing sympy, seconds on a busy CPU) is not scoring time: wait
+        # for it before any deadline starts, or the first batch would count 0 for every response
+        _POOL.map_async(_ready, range(workers), chunksize=1).get(300)
     jobs = [_POOL.apply_async(compute_reward, (r, g), dict(choices=c, truncated=t, **kw))
             for r, g, c, t in zip(responses, golds, choices, truncated)]
     deadline = time.monotonic() + timeout * (1 + math.ceil(n / workers))
