@@ -136,8 +136,13 @@ def _prose(s):
     return len(words) >= 2 and any(len(w) >= 3 for w in words)
 
 
-@lru_cache(maxsize=1 << 14)  # golds repeat (a group of samples per prompt)
 def _answer_text(s):
+    """_answer(s), cached for short strings only: golds repeat (a group of samples per prompt), and a
+    cache of 16k whole responses could hold gigabytes."""
+    return _answer_cached(s) if len(s) <= MAX_ANSWER else _answer(s)
+
+
+def _answer(s):
     """The answer part of a string given to is_equiv: a clean answer stays as it is, a whole response
     is reduced to its answer: extract_answer; then "X is 34" -> 34; then the math spans ($...$, \\(...\\))
     joined when only and / or / commas sit between them, else the last one, unless a number in the
@@ -166,6 +171,9 @@ def _answer_text(s):
         if nums:
             s = nums[-1]
     return s.strip()
+
+
+_answer_cached = lru_cache(maxsize=1 << 14)(_answer)
 
 
 # -----------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def main():
     ours = lambda g, p: reward.is_equiv(response(p), g)
     reward._values.cache_clear()
     reward._num.cache_clear()
-    reward._answer_text.cache_clear()
+    reward._answer_cached.cache_clear()
     speed, agree = run("reward.is_equiv (cold)", ours, pairs)
     run("reward.is_equiv (warm)", ours, pairs)
     _, keys_agree = run("reward.is_equiv, keys", lambda g, p: reward.is_equiv(p, g), keys)
