@@ -215,7 +215,8 @@ def _clean(s):
     s = re.sub(r"\\text\{\s*(?:and|or)\s*\}|\s\b(?:and|or)\b\s|(?<=[)\]])\s*(?:and|or)\s*(?=[(\[])", ", ", s)
     s = re.sub(r",(?:\s*,)+", ",", s)  # 19, 46, and 82
     for _ in range(2):  # trailing unit: \text{ cm}^2 after something, or a bare unit word after a number
-        s = re.sub(r"(?<=\S)\s*\\(?:" + _TEXT_CMDS + r")\{[^{}]*\}\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
+        s = re.sub(r"(?<=\S)\s*\\(?:" + _TEXT_CMDS + r")\{(?![^{}]*(?:\d|\bor\b|\band\b))[^{}]*\}"  # not "(or 4)"
+                   r"\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
         s = re.sub(r"(?<=[\d}) ])\s*(?:" + _UNIT + r")\s*[.,;]?\s*$", "", s.strip())
         s = re.sub(r"(^|[^^_\w.{])(\d+(?:\.\d+)?)\s*(?:" + _SHORT_UNITS + r")\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$",
                    r"\1\2", s)

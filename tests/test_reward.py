@@ -231,7 +231,8 @@ HACKS = [
     # candidate lists for a single answer
     ("1", "\\boxed{1} or \\boxed{2}"), ("3", "\\boxed{1, 2, 3, 4, 5}"), ("2", "2 \\text{ or } 3"),
     ("3", "\\boxed{2} \\text{ or } \\boxed{3}"), ("\\{1,2\\}", "\\{1,2,3\\}"), ("(1,2)", "(1,2),(2,1)"),
-    ("3", "3, 3, 4"), ("x = 3", "x = 3 \\text{ or } x = 4"), ("B", "\\text{A, B, C or D}"),
+    ("3", "3, 3, 4"), ("x = 3", "x = 3 \\text{ or } x = 4"), ("B", "\\text{A, B, C or D}"), ("3", "3 \\text{ (or 4)}"),
+    ("3", "\\{3\\} \\cup \\{4\\}"), ("3", "[2, 4]"), ("(1,2)", "(1,2) \\text{ or } (2,1)"), ("B", "(B) or (C)"),
     # free variables
     ("3", "x"), ("5", "n"), ("3", "3x"), ("3", "3 + x - x + y"), ("\\frac{1}{2}", "\\frac{a}{b}"),
     # tautologies and statements that say nothing
