@@ -147,7 +147,7 @@ def _answer(s):
     is reduced to its answer: extract_answer; then "X is 34" -> 34; then the math spans ($...$, \\(...\\))
     joined when only and / or / commas sit between them, else the last one, unless a number in the
     prose comes after it (math-verify's rightmost-match rule); a sentence falls back to its last number."""
-    s = s.split("<|im_start|>")[0].strip()
+    s = s.replace("\x0c", "\\f").split("<|im_start|>")[0].strip()  # \frac read as form feed + "rac"
     if any(k in s for k in ("\\boxed", "\\fbox", "<answer>", "</think>")) or _STATEMENT.search(s):
         s = extract_answer(s) or s.split("</think>")[-1]
     s = re.sub(r"\.?\s*I hope it is correct\.?", "", s[-2000:])  # the end holds the answer; regexes stay cheap
@@ -220,6 +220,8 @@ def _clean(s):
         s = re.sub(r"(?<=[\d}) ])\s*(?:" + _UNIT + r")\s*[.,;]?\s*$", "", s.strip())
         s = re.sub(r"(^|[^^_\w.{])(\d+(?:\.\d+)?)\s*(?:" + _SHORT_UNITS + r")\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$",
                    r"\1\2", s)
+    s = re.sub(r"(?<=\S)(?:(\\[a-zA-Z]+)|(?<![A-Za-z\\]))\s*\{[A-Za-z]{3,}\}\s*$",  # MathVision's 69{degrees}, \pi{inches};
+               lambda m: m.group(0) if m.group(1) and m.group(1)[1:] not in _CONSTANTS else m.group(1) or "", s)  # not \end{pmatrix}
     s = s.strip().rstrip(".,;").lstrip("=:").strip()  # "Area $=9 \pi$" -> "9 \pi"
     s = re.sub(r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)", s)  # mixed number 7 3/4
     if not re.search(r"[(\[]|\\\{", s):  # thousands separators, only where commas cannot mean a tuple
@@ -470,7 +472,8 @@ class _Parser:
                 v = _scalar(v) * _scalar(self.power())
             elif self.eat("op", "/") or self.eat("cmd", "div") or self.eat("op", ":"):  # a ratio 11:21
                 v = _scalar(v) * _pow(_scalar(self.power()), sp.Integer(-1))
-            elif self.starts_atom() and not (self.at("num") and isinstance(v, sp.Number)):
+            elif self.starts_atom() and not (self.at("num") and isinstance(v, sp.Number)
+                                             and self.toks[self.i - 1] != ("op", "}")):  # 2^{12} 13^2
                 v = _scalar(v) * _scalar(self.power())  # implicit product 2x, 2\pi, (a+1)(b+2); not "2 3"
             else:
                 return v

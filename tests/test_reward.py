@@ -143,6 +143,9 @@ RULES = {
     "percent": [
         ("12.5\\%", "12.5%", T), ("100\\%", "The error increases by 100%.", T), ("5\\%", "5 \\text{ percent}", T),
         ("50\\%", "0.05", F), ("12.5\\%", "0.0125", F)],
+    "MathVision answer-key typos": [
+        ("\x0crac{36}{13}", "\\frac{36}{13}", T), ("69{degrees}", "69", T), ("\\frac{3}{4}\\pi{inches}", "0.75\\pi", T),
+        ("\\frac{7^3}{2^{12} 13^2}", "\\frac{343}{692224}", T), ("69{degrees}", "96", F), ("\x0crac{36}{13}", "36", F)],
     "Greek letters with subscripts": [
         ("\\theta_1", "\\theta_{1}", T), ("\\omega_L", "\\omega_{L}", T), ("2\\theta_1", "\\theta_1 + \\theta_1", T),
         ("\\alpha_1 + \\beta_2", "\\beta_{2} + \\alpha_{1}", T), ("\\theta_1", "\\theta_2", F), ("\\omega_L", "\\omega", F)],
