@@ -2,8 +2,8 @@
 Evaluate a checkpoint on MATH500, MathVision and MathVerse, and measure its cognitive behaviours.
 
 Every number the project reports about a checkpoint comes from this file. The prompt is built by
-build_messages, the answer is judged by reward.is_equiv (the verifier the RL reward calls too), and
-pass@1 is averaged over n samples per problem (avg@n).
+build_messages, a response is scored by reward.compute_reward (extract_answer, then is_equiv: the RL reward
+itself) in reward.py's worker pool with a deadline, and pass@1 is averaged over n samples per problem (avg@n).
 
 Data (once; data/prepare_eval.py says where to download each benchmark):
   python data/prepare_eval.py math500 PATH/prm800k/math_splits/test.jsonl
