@@ -2,8 +2,8 @@
 Evaluate a checkpoint on MATH500, MathVision and MathVerse, and measure its cognitive behaviours.
 
 Every number the project reports about a checkpoint comes from this file. The prompt is built by
-build_messages, the answer is judged by reward.is_equiv (the verifier the RL reward calls too), and
-pass@1 is averaged over n samples per problem (avg@n).
+build_messages, a response is scored by reward.compute_reward (extract_answer, then is_equiv: the RL reward
+itself) in reward.py's worker pool with a deadline, and pass@1 is averaged over n samples per problem (avg@n).
 
 Data (once; data/prepare_eval.py says where to download each benchmark):
   python data/prepare_eval.py math500 PATH/prm800k/math_splits/test.jsonl
@@ -120,11 +120,17 @@ def build_messages(problem, template="ovr"):
     return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
 
 
+def score_responses(responses, problems, workers=4, timeout=2.0):
+    """The one definition of correct: reward.compute_reward, the RL reward itself (extract_answer, then
+    is_equiv), run in reward.py's worker pool as rl.py runs it, so a hostile response scores 0 after
+    `timeout` seconds instead of stalling the evaluation. pred is what extract_answer read."""
+    correct = reward.batch_rewards(responses, [p["answer"] for p in problems], [p.get("choices") for p in problems],
+                                   workers=workers, timeout=timeout)
+    return [{"correct": c == 1.0, "pred": reward.extract_answer(r)} for r, c in zip(responses, correct)]
+
+
 def score_response(response, problem):
-    """The one definition of correct: the same extraction and verifier as the RL reward."""
-    pred = reward.extract_answer(response)
-    correct = pred is not None and reward.is_equiv(pred, problem["answer"], choices=problem.get("choices"))
-    return {"correct": bool(correct), "pred": pred}
+    return score_responses([response], [problem])[0]
 
 
 def pass_at_k(n, c, k):
@@ -303,9 +309,10 @@ def evaluate(engine, problems, template, n, temperature, top_p, max_tokens, out_
                                top_p=top_p, max_tokens=max_tokens, seed=seed + batch[0][0])
         for (_, p), completions in zip(batch, outs):
             assert len(completions) == n, f"engine returned {len(completions)} samples for {p['id']}, wanted {n}"
-            for j, c in enumerate(completions):
+            scores = score_responses([c.text for c in completions], [p] * n)
+            for j, (c, score) in enumerate(zip(completions, scores)):
                 r = {"id": p["id"], "sample": j, "subject": p.get("subject"), "level": p.get("level"),
-                     "answer": p["answer"], **score_response(c.text, p), "finish_reason": c.finish_reason,
+                     "answer": p["answer"], **score, "finish_reason": c.finish_reason,
                      "num_tokens": len(c.token_ids), "behaviours": detect_behaviours(c.text), "response": c.text}
                 if judge:
                     r["judge"] = judge(p["question"], c.text)

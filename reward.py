@@ -1,13 +1,15 @@
 """
 reward.py: answer extraction, a safe sympy answer verifier, the RL reward and an optional LLM judge.
 
-The one definition of "correct" for the project: rl.py rewards and eval.py scores call is_equiv.
-It reads text written by a policy under optimisation, so:
+The one definition of "correct" for the project: rl.py's reward and eval.py's score are both
+compute_reward (extract_answer, then is_equiv; the decimal rule is in is_equiv's docstring), run through
+batch_rewards. It reads text written by a policy under optimisation, so:
   - model text is never evaluated as Python (no sympify / parse_expr / eval on strings): a small
     tokenizer and recursive-descent parser build sympy objects directly;
   - every call is bounded without signals (works from threads and worker processes): input length,
-    nesting depth, integer sizes (powers, factorials, binomials) are capped *before* sympy is asked
-    to compute, and symbolic equality is tested numerically at fixed points instead of simplify();
+    nesting depth, integer sizes (powers, factorials, binomials) and the arguments of exp, trig and
+    powers are capped *before* sympy is asked to compute, and symbolic equality is tested numerically
+    at fixed points instead of simplify(); batch_rewards adds a hard per-call deadline on top;
   - anything unexpected degrades to False, never to an exception.
 No torch import: this file can be copied alone into another project (needs sympy only).
 
@@ -43,7 +45,8 @@ REL_TOL = Fraction(1, 10 ** 35)  # between two exact values (e^{pi sqrt 163} is 
 # -----------------------------------------------------------------------------
 # extraction: where the final answer sits in a response
 
-_STATEMENT = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*:?", re.I)
+_FINAL = re.compile(r"final answer\s*(?:is|:)\s*:?", re.I)                 # a closing statement
+_STATEMENT = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*:?", re.I)  # any statement
 
 
 def _box_at(text, i):
@@ -63,7 +66,8 @@ def _box_at(text, i):
 
 
 def _last_boxes(text):
-    """The last boxed answer; neighbouring boxes joined by and / or / , are merged into a list."""
+    """(start, content) of the last boxed answer; neighbouring boxes joined by and / or / , are merged
+    into a list (upstream Math-Verify's rule: only glue, at most 70 characters, between them)."""
     starts = [m.start() for m in re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])", text)]
     found = []
     for s in reversed(starts[-8:]):  # a few tries only: unbalanced boxes must not cost O(n^2)
@@ -71,7 +75,8 @@ def _last_boxes(text):
         if box is None:
             continue
         if found:  # merge with the box already found if only glue sits between them
-            gap = text[box[1]:found[0][0]]
+            gap = text[box[1]:found[0][0]]  # a unit word may follow a box, a label precede one
+            gap = re.sub(r"^\s*[A-Za-z]+(?=\s*(?:,|\band\b|\bor\b))|[A-Za-z](?:_\{?\w+\}?)?\s*=\s*\$?\s*$", "", gap)
             glue = re.sub(r"\\text\{[^{}]*\}|\\quad|\\qquad|\\[()\[\]]|[$\s,;.]|\band\b|\bor\b", "", gap)
             if len(gap) > 70 or glue:
                 break
@@ -80,61 +85,96 @@ def _last_boxes(text):
     for _, _, c in found:
         if c.strip() not in contents:  # \boxed{840} ... \boxed{840} is one answer, not 840840
             contents.append(c.strip())
-    return ", ".join(contents) if contents else None
+    return (found[0][0], ", ".join(contents)) if contents else (-1, None)
+
+
+def _statement(m, text):
+    """The answer a statement gives: the rest of its line, without Minerva's "I hope it is correct"."""
+    line = text[m.end():].strip().split("\n")[0]
+    line = re.split(r"\.?\s*I hope", line)[0].strip().rstrip(".").strip()
+    return line or None
 
 
 def extract_answer(text):
-    """The final answer in a response: last \\boxed{} (or \\fbox{}), else <answer>...</answer>,
-    else an "answer is ..." / "Answer: ..." statement; None when there is none."""
+    """The final answer in a response: the one definition the RL reward (compute_reward) and eval.py share.
+    1. A hallucinated next turn (<|im_start|>...) is cut off; when the response thinks, only the text after
+       the last </think> counts (a \\boxed{} inside the thinking is a draft, not the answer).
+    2. The answer is the last, by position, of: a \\boxed{} / \\fbox{} (neighbouring boxes joined by
+       and / or / , form one list), an <answer>...</answer>, a closing "final answer is X" / "Final Answer: X".
+       So a closing "The final answer is 12." after earlier boxes gives 12: the model's last word wins.
+    3. Otherwise the last weaker "the answer is X" / "Answer: X" statement; None when there is none."""
     if not text or len(text) > MAX_TEXT:
         return None
-    text = text.split("<|im_start|>")[0]  # a hallucinated next turn is not part of the answer
+    text = text.split("<|im_start|>")[0].split("</think>")[-1]
+    cands = []  # (start, answer)
     if "\\boxed" in text or "\\fbox" in text:
-        box = _last_boxes(text)
-        if box is not None:
-            return box
+        cands.append(_last_boxes(text))
     end = text.rfind("</answer>")  # rfind, not a lazy regex: unclosed tags must not cost O(n^2)
     start = text.rfind("<answer>", 0, max(end, 0))
     if end >= 0 and start >= 0 and text[start + 8:end].strip():
-        return text[start + 8:end].strip()
+        cands.append((start, text[start + 8:end].strip()))
     last = None
-    for last in _STATEMENT.finditer(text):
+    for last in _FINAL.finditer(text):
         pass
     if last is not None:
-        line = text[last.end():].strip().split("\n")[0]
-        line = re.split(r"\.?\s*I hope", line)[0].strip().rstrip(".").strip()
-        return line or None
-    return None
+        cands.append((last.start(), _statement(last, text)))
+    cands = [c for c in cands if c[1] is not None]
+    if cands:
+        return max(cands)[1]
+    for last in _STATEMENT.finditer(text):
+        pass
+    return _statement(last, text) if last is not None else None
+
+
+_MATH = r"\$\$([^$]+?)\$\$|(?<!\\)\$((?:\\\$|[^$\n])+?)(?<!\\)\$|\\\(([^\n]+?)\\\)|\\\[(.+?)\\\]"  # $$ \[ span lines
+_NUMBER = r"(?<![A-Za-z\d.])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?(?!\d)"  # not the 2 in AZYUK2A
+
+
+def _prose(s):
+    """Is s still a sentence (two words, one of 3+ letters; LaTeX commands and math words aside)?"""
+    s = re.sub(r"\\[a-z]+\{[^{}]*\}|_\{[^{}]*\}|_\w", "", s)  # \text{cm}, S_{MBCN}
+    words = [w for w in re.findall(r"(?<![\\a-zA-Z])[A-Za-z]+", s) if w not in _WORDS and not _UNIT_WORD.fullmatch(w)]
+    return len(words) >= 2 and any(len(w) >= 3 for w in words)
 
 
 def _answer_text(s):
-    """The answer part of a string given to is_equiv: a clean answer stays as it is, a whole
-    response is reduced to its answer (boxed, tag, statement, last math span, last number)."""
-    s = s.split("<|im_start|>")[0].strip()
-    if "\\boxed" in s or "\\fbox" in s or "<answer>" in s or _STATEMENT.search(s):
-        a = extract_answer(s)
-        if a is not None:
-            statement = "\\boxed" not in s and "\\fbox" not in s and "<answer>" not in s
-            s = a
-            if statement and re.search(r"\sis\s", s):  # "The largest $n$ is 34"
-                s = re.split(r"\sis\s", s)[-1]
-    s = s[-2000:]  # an answer sits at the end; the regexes below then stay cheap on hostile text
-    # inline math ($...$, \(...\)) stays on one line, display math ($$...$$, \[...\]) may span lines
-    spans = re.findall(r"\$\$([^$]+?)\$\$|(?<!\\)\$([^$\n]+?)(?<!\\)\$|\\\(([^\n]+?)\\\)|\\\[(.+?)\\\]", s, re.S)
+    """_answer(s), cached for short strings only: golds repeat (a group of samples per prompt), and a
+    cache of 16k whole responses could hold gigabytes."""
+    return _answer_cached(s) if len(s) <= MAX_ANSWER else _answer(s)
+
+
+def _answer(s):
+    """The answer part of a string given to is_equiv: a clean answer stays as it is, a whole response
+    is reduced to its answer: extract_answer; then "X is 34" -> 34; then the math spans ($...$, \\(...\\))
+    joined when only and / or / commas sit between them, else the last one, unless a number in the
+    prose comes after it (math-verify's rightmost-match rule); a sentence falls back to its last number."""
+    s = s.replace("\x0c", "\\f").split("<|im_start|>")[0].strip()  # \frac read as form feed + "rac"
+    if any(k in s for k in ("\\boxed", "\\fbox", "<answer>", "</think>")) or _STATEMENT.search(s):
+        s = extract_answer(s) or s.split("</think>")[-1]
+    s = re.sub(r"\.?\s*I hope it is correct\.?", "", s[-2000:])  # the end holds the answer; regexes stay cheap
+    if len(s) < 200 and re.search(r"\sis\s[^\n]*[\d$\\]", s):  # "The largest $n$ is 34", not "$x>5$ is it"
+        s = re.split(r"\sis\s", s)[-1]
+    s = re.sub(r"([A-Za-z])\s*\$\s*\^\s*\{?\d\}?\s*\$", r"\1", s)  # MathVerse's "113.097 units $^{2}$"
+    if len(re.findall(r"\b[a-z]+\s*:\s*(?=[-\d(\[$\\])", s)) >= 2:  # "domain: [-4, 4] and range: [0, 2]"
+        s = re.sub(r"\b[a-z]+\s*:\s*(?=[-\d(\[$\\])", "", s)
+    spans = list(re.finditer(_MATH, s, re.S))
     if spans:
-        spans = [next(x for x in g if x) if any(g) else "" for g in spans]
-        outside = re.sub(r"\$\$[^$]+?\$\$|(?<!\\)\$[^$\n]+?(?<!\\)\$|\\\([^\n]+?\\\)|\\\[.+?\\\]", " ", s, flags=re.S)
-        words = set(re.findall(r"[A-Za-z]+", outside))
-        if words <= {"and", "or"} and not re.sub(r"[\s,;.:]|\band\b|\bor\b", "", outside):
-            s = ", ".join(x.strip() for x in spans)
-        else:
-            s = spans[-1]
-    prose = [w for w in re.findall(r"(?<![\\a-zA-Z])[A-Za-z]{3,}", re.sub(r"\\[a-z]+\{[^{}]*\}", "", s))]
-    if len(prose) >= 2:  # still a sentence: Qwen-style fallback to the last number in it
-        nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?", s)
+        texts = [next((x for x in m.groups() if x), "") for m in spans]
+        outside = re.sub(_MATH, " ", s, flags=re.S)
+        if not re.sub(r"[\s,;.:\"'\\]|\band\b|\bor\b", "", outside):  # $1$, $2$ and $3$
+            return ", ".join(x.strip() for x in texts)
+        after = s[spans[-1].end():]
+        if not (_prose(after) and re.search(r"\d", after)):  # "... so it rises by 100%." keeps 100%
+            return texts[-1].strip()
+        s = after
+    if _prose(s):  # still a sentence: Qwen-style fallback to the last number in it
+        nums = re.findall(_NUMBER, s)
         if nums:
             s = nums[-1]
     return s.strip()
+
+
+_answer_cached = lru_cache(maxsize=1 << 14)(_answer)
 
 
 # -----------------------------------------------------------------------------
@@ -148,6 +188,9 @@ _UNITS = ("cm|mm|km|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|feet|fo
           "seconds?|secs?|days?|weeks?|months?|years?|kg|grams?|kilograms?|pounds?|lbs?|oz|ounces?|mph|"
           "liters?|litres?|ml|gallons?|mL|ways|people|students|points|times|digits|numbers|integers")
 _SHORT_UNITS = "m|h|s|g|l|in"  # only right after a number: "\pi r^2 h" keeps its h
+_UNIT_WORD = re.compile(_UNITS + "|" + _SHORT_UNITS)
+_POWER = r"(?:\s*\^\s*\{?\d\}?)?"
+_UNIT = rf"(?:{_UNITS})\b{_POWER}(?:\s*/\s*(?:{_UNITS}|{_SHORT_UNITS})\b{_POWER})?"  # 10km / h, 1690cm^2
 _TEXT_CMDS = "text|textbf|textit|textnormal|textrm|mathrm|mathit|mathbf|mathsf|mbox|operatorname|textsf"
 _NOISE = re.compile(r"(?<!\\)\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|displaystyle|textstyle|limits|"
                     r"!|,|;|:| |quad|qquad)(?![a-zA-Z])|~")
@@ -155,20 +198,31 @@ _NOISE = re.compile(r"(?<!\\)\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|display
 
 def _clean(s):
     """Math text with LaTeX noise removed; units, degrees and currency dropped."""
+    s = re.sub(r"(\d)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|掳)\s*T\b", r"\1", s)  # a true bearing, 315°T: 315
+    if re.search(r"\\(?:sin|cos|tan|sec|csc|cot)(?![a-z])", s):  # inside trig, 30^\circ is pi/6, not 30 rad
+        s = re.sub(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)", r"(\1\\pi/180)", s)
     for k, v in _UNICODE.items():
         s = s.replace(k, v)
+    s = re.sub(r"\\q?quad", " ", s)  # also \quadx_2 (math-verify's own test data writes that)
     s = s.replace("\\$", " ").replace("$", " ").replace("\\(", " ").replace("\\)", " ")
+    s = re.sub(r"[€£¥]|\\euro\b|\\pounds\b", " ", s)
     s = s.replace("\\[", " ").replace("\\]", " ").replace("{,}", "").replace(",\\!", "")
     s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\\(" + _TEXT_CMDS + r")\s+\{", r"\\\1{", s)  # \text { units }
+    s = re.sub(r"^\s*[A-Za-z][A-Za-z .]*[A-Za-z]{3}[A-Za-z .]*=(?!=)", "", s)  # "slope =-4", "Area of sector ="
     s = _NOISE.sub(" ", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)  # 90^\circ == 90
     s = re.sub(r"\\%|\s*\b(?:percent(?:age)?|pct)\b", "%", s)
-    s = re.sub(r"\\text\{\s*(?:and|or)\s*\}|\s\b(?:and|or)\b\s", ", ", s)
+    s = re.sub(r"\\text\{\s*(?:and|or)\s*\}|\s\b(?:and|or)\b\s|(?<=[)\]])\s*(?:and|or)\s*(?=[(\[])", ", ", s)
+    s = re.sub(r",(?:\s*,)+", ",", s)  # 19, 46, and 82
     for _ in range(2):  # trailing unit: \text{ cm}^2 after something, or a bare unit word after a number
-        s = re.sub(r"(?<=\S)\s*\\(?:" + _TEXT_CMDS + r")\{[^{}]*\}\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
-        s = re.sub(r"(?<=[\d}) ])\s*\b(?:" + _UNITS + r")\b\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
+        s = re.sub(r"(?<=\S)\s*\\(?:" + _TEXT_CMDS + r")\{(?![^{}]*(?:\d|\bor\b|\band\b))[^{}]*\}"  # not "(or 4)"
+                   r"\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$", "", s.strip())
+        s = re.sub(r"(?<=[\d}) ])\s*(?:" + _UNIT + r")\s*[.,;]?\s*$", "", s.strip())
         s = re.sub(r"(^|[^^_\w.{])(\d+(?:\.\d+)?)\s*(?:" + _SHORT_UNITS + r")\s*(?:\^\s*\{?\d\}?)?\s*[.,;]?\s*$",
                    r"\1\2", s)
+    s = re.sub(r"(?<=\S)(?:(\\[a-zA-Z]+)|(?<![A-Za-z\\]))\s*\{[A-Za-z]{3,}\}\s*$",  # MathVision's 69{degrees}, \pi{inches};
+               lambda m: m.group(0) if m.group(1) and m.group(1)[1:] not in _CONSTANTS else m.group(1) or "", s)  # not \end{pmatrix}
     s = s.strip().rstrip(".,;").lstrip("=:").strip()  # "Area $=9 \pi$" -> "9 \pi"
     s = re.sub(r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)", s)  # mixed number 7 3/4
     if not re.search(r"[(\[]|\\\{", s):  # thousands separators, only where commas cannot mean a tuple
@@ -224,6 +278,8 @@ _WORDS = {"sqrt", "sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", 
 _FUNCS = {"sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "sec": sp.sec, "csc": sp.csc, "cot": sp.cot,
           "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "sinh": sp.sinh, "cosh": sp.cosh,
           "tanh": sp.tanh, "ln": sp.log, "exp": sp.exp, "log": sp.log}
+_INVERSE = {"sin": sp.asin, "cos": sp.acos, "tan": sp.atan, "sinh": sp.asinh, "cosh": sp.acosh,
+            "tanh": sp.atanh}
 _RELOPS = {"=": "=", "==": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "!=": "!=", "le": "<=", "leq": "<=",
            "leqslant": "<=", "ge": ">=", "geq": ">=", "geqslant": ">=", "lt": "<", "gt": ">", "ne": "!=",
            "neq": "!=", "approx": "~", "equiv": "=", "in": "in", "coloneqq": "="}
@@ -291,11 +347,42 @@ def _pow(b, e, budget=None):
         bf = abs(complex(b.evalf(15))) if b.is_number else 3.0
         if ef > 1e6 or (bf > 0 and ef * abs(math.log10(bf)) > 1e4):
             raise _Fail("power too large")
-    return sp.Pow(b, e)
+    elif e.is_number and not b.is_number and abs(e) > 10_000:  # x^{10^{3000}}: evaluating it at a point
+        raise _Fail("power too large")                            # costs seconds
+    return _tame(sp.Pow(b, e))
+
+
+_GROWTH = (sp.exp, sp.sinh, sp.cosh, sp.tanh, sp.sin, sp.cos, sp.tan, sp.sec, sp.csc, sp.cot, sp.Pow)
+MAX_ARG = 10 ** 5  # |argument| of exp, or |imaginary part| of one of sin/cos/tan; e^(10^5) ~ 10^43429
+
+
+def _tame(e, subs=None):
+    """e, or _Fail when evaluating it would make mpmath build an astronomically large number:
+    exp(10^3000) is one float, yet evalf spends 10 s on it (and one sympy call cannot be interrupted).
+    Every exp-like argument and power is checked at 15 digits, innermost first, so each check only
+    evaluates parts already known to be tame. subs: the test point, when e has free symbols."""
+    if isinstance(e, sp.MatrixBase) or not e.has(*_GROWTH):
+        return e
+    for a in sorted(e.atoms(*_GROWTH), key=lambda a: sum(1 for _ in sp.preorder_traversal(a))):
+        x = a.exp if isinstance(a, sp.Pow) else a.args[0]
+        if (isinstance(a, sp.Pow) and x.is_Integer and abs(x) <= 1000) or (subs is None and a.free_symbols):
+            continue  # sizes of integer powers are capped in _pow; symbols are checked at the test points
+        try:
+            v = complex(x.evalf(15, subs=subs))
+            if isinstance(a, sp.Pow):
+                b = complex(a.base.evalf(15, subs=subs))
+                big = b != 0 and abs(v) * abs(math.log(abs(b))) > MAX_ARG
+            else:
+                big = abs(v.real if isinstance(a, (sp.exp, sp.sinh, sp.cosh, sp.tanh)) else v.imag) > MAX_ARG
+        except (TypeError, ValueError, OverflowError):  # free symbols left, or beyond floats
+            big = not a.free_symbols or subs is not None
+        if big:
+            raise _Fail("argument too large")
+    return e
 
 
 def _binom(n, k):
-    if n.is_Integer and n > 20000:
+    if any(x.is_number and abs(complex(x)) > 20000 for x in (n, k)):  # binom(x, 10^3000) at x = 0.8: minutes
         raise _Fail("binomial too large")
     return sp.binomial(n, k)
 
@@ -314,6 +401,7 @@ class _Parser:
             raise _Fail("too many tokens")
         self.toks, self.i, self.depth, self.bars = toks, 0, 0, 0  # bars: open |...| around us
         self.budget = budget or [0]  # bits of rational radicands so far, see _pow
+        self.cells = {}  # id(matrix) -> significant digits of each decimal cell (None: exact)
 
     def peek(self):
         return self.toks[self.i] if self.i < len(self.toks) else ("end", "")
@@ -356,10 +444,9 @@ class _Parser:
         while self.at("op", *_RELOPS) or (self.at("cmd") and self.peek()[1] in _RELOPS):
             ops.append(_RELOPS[self.take()])
             operands.append(self.union())
-        # a decimal is compared with a rounding tolerance: remember its significant digits (fewest wins)
-        sig = [len(re.split("[eE]", v)[0].replace(".", "").lstrip("0")) or 1
-               for k, v in self.toks[start:self.i] if k == "num" and "." in v]
-        operands = [("x", v, min(sig) if sig else None) if isinstance(v, sp.Basic) else v for v in operands]
+        sig = _sig(self.toks[start:self.i])
+        operands = [("x", v, self.cells.get(id(v), sig) if isinstance(v, sp.MatrixBase) else sig)
+                    if isinstance(v, sp.Basic) else v for v in operands]
         return ("rel", tuple(ops), tuple(operands)) if ops else operands[0]
 
     def union(self):
@@ -384,9 +471,10 @@ class _Parser:
         while True:
             if self.eat("op", "*") or self.eat("cmd", "cdot", "times", "ast"):
                 v = _scalar(v) * _scalar(self.power())
-            elif self.eat("op", "/") or self.eat("cmd", "div"):
+            elif self.eat("op", "/") or self.eat("cmd", "div") or self.eat("op", ":"):  # a ratio 11:21
                 v = _scalar(v) * _pow(_scalar(self.power()), sp.Integer(-1))
-            elif self.starts_atom() and not (self.at("num") and isinstance(v, sp.Number)):
+            elif self.starts_atom() and not (self.at("num") and isinstance(v, sp.Number)
+                                             and self.toks[self.i - 1] != ("op", "}")):  # 2^{12} 13^2
                 v = _scalar(v) * _scalar(self.power())  # implicit product 2x, 2\pi, (a+1)(b+2); not "2 3"
             else:
                 return v
@@ -446,14 +534,19 @@ class _Parser:
             return self.command(v)
         else:
             raise _Fail(f"unexpected {v!r}")
-        if self.eat("op", "_"):  # x_1, a_{n}; 204_5 (a base) stays an opaque symbol too
-            if self.eat("op", "{"):
-                j = self.toks.index(("op", "}"), self.i)
-                sub, self.i = "".join(str(t[1]) for t in self.toks[self.i:j]), j + 1
-            else:
-                sub = str(self.take())
-            r = sp.Symbol(f"{v}_{sub}")
-        return r
+        sub = self.subscript()
+        return sp.Symbol(f"{v}{sub}") if sub else r
+
+    def subscript(self):
+        """'_1' for x_1, '_{n}' for a_{n}, '' for none; 204_5 (a base) stays an opaque symbol too."""
+        if not self.eat("op", "_"):
+            return ""
+        if self.eat("op", "{"):
+            j = self.toks.index(("op", "}"), self.i)
+            sub, self.i = "".join(str(t[1]) for t in self.toks[self.i:j]), j + 1
+        else:
+            sub = str(self.take())
+        return "_" + sub
 
     def group(self, v):
         if v in ("(", "["):
@@ -503,7 +596,9 @@ class _Parser:
             base = self.arg() if c == "log" and self.eat("op", "_") else None
             power = self.arg() if self.eat("op", "^") else None
             x = self.func_arg()
-            r = sp.log(x, base) if base is not None else _FUNCS[c](x)
+            if power is not None and c in _INVERSE and power == -1:  # \\sin^{-1} x is arcsin x
+                return _tame(_INVERSE[c](x))
+            r = _tame(sp.log(x, base) if base is not None else _FUNCS[c](x))
             return _pow(r, power, self.budget) if power is not None else r
         if c in _WRAPPERS:
             return self.wrapped(c)
@@ -511,8 +606,8 @@ class _Parser:
             return self.matrix()
         if c in _IGNORED:  # \angle ABC, \overline{AB}: the thing itself
             return self.nest(self.atom)
-        if len(c) > 1 and c.isalpha():  # \alpha, \theta, unknown macros: an opaque symbol
-            return sp.Symbol(c)
+        if len(c) > 1 and c.isalpha():  # \alpha, \theta_1, \omega_L, unknown macros: an opaque symbol
+            return sp.Symbol(c + self.subscript())
         raise _Fail(f"unexpected \\{c}")
 
     def wrapped(self, c):
@@ -550,18 +645,30 @@ class _Parser:
         env, self.i = "".join(str(t[1]) for t in self.toks[self.i:j]), j + 1
         if env == "array" and self.eat("op", "{"):  # column spec {cc}
             self.i = self.toks.index(("op", "}"), self.i) + 1
-        rows = [[]]
+        rows, sigs = [[]], []
         while not self.eat("cmd", "end"):
             if self.eat("row"):
                 rows.append([])
             elif not self.eat("op", "&"):
+                start = self.i
                 rows[-1].append(_scalar(self.nest(self.expr)))
+                sigs.append(_sig(self.toks[start:self.i]))
         self.i = self.toks.index(("op", "}"), self.i) + 1
         rows = [r for r in rows if r]
         if not rows or len({len(r) for r in rows}) != 1 or len(rows) * len(rows[0]) > 100:
             raise _Fail("empty, ragged or large matrix")
         m = sp.ImmutableMatrix(rows)
-        return m.det() if env == "vmatrix" and m.is_square and m.rows <= 4 else m
+        if env == "vmatrix":
+            return m.det() if m.is_square and m.rows <= 4 else m
+        self.cells[id(m)] = tuple(sigs) if any(x is not None for x in sigs) else None
+        return m
+
+
+def _sig(toks):
+    """Significant digits of the decimals among these tokens, as written (2.50 has 3), fewest wins;
+    None when there is no decimal point: the value is exact."""
+    sig = [len(re.split("[eE]", v)[0].replace(".", "").lstrip("0")) or 1 for k, v in toks if k == "num" and "." in v]
+    return min(sig) if sig else None
 
 
 def _scalar(v):
@@ -602,7 +709,21 @@ def _values(s):
                 out.append(("set", tuple(x for v in both for x in (v[1] if v[0] in ("list", "set") else (v,)))))
         elif (v := _parse(r)) is not None:
             out.append(v)
+            if (t := _solutions(v)) is not None:
+                out.append(t)
     return tuple(out)
+
+
+def _solutions(v):
+    """p=5, q=2; p=7, q=2 -> (5, 2), (7, 2): a list of assignments cycling through the same labels."""
+    if v[0] != "list" or not all(x[0] == "rel" and x[1] == ("=",) and _label(x[2][0]) for x in v[1]):
+        return None
+    names = [x[2][0][1] for x in v[1]]
+    k = names.index(names[0], 1) if names.count(names[0]) > 1 else len(names)
+    if k < 2 or len(names) % k or any(names[i] != names[i % k] for i in range(len(names))):
+        return None
+    rows = [("tuple", "()", tuple(x[2][1] for x in v[1][i:i + k])) for i in range(0, len(names), k)]
+    return rows[0] if len(rows) == 1 else ("list", tuple(rows))
 
 
 # -----------------------------------------------------------------------------
@@ -626,6 +747,11 @@ def _num(e, syms=(), k=0, dps=DPS):
     None when undefined (nan, infinite), not a number, or beyond 2^100000."""
     _check_time()
     subs = {x: _POINTS[(k + j) % len(_POINTS)] + sp.Rational(j, 7) for j, x in enumerate(syms)}
+    if subs:
+        try:
+            _tame(e, subs)  # e^{10^{3000} x} is tame as text, not at x = 0.8353
+        except _Fail:
+            return None
     v = e.evalf(dps, subs=subs) if subs else e.evalf(dps)
     parts = []
     for x in v.as_real_imag():
@@ -645,51 +771,87 @@ def _size(v):  # |re| + |im|: a norm is all the comparisons below need
     return abs(v[0]) + abs(v[1])
 
 
-def _close(a, b, sig_a, sig_b, ea, eb, syms=(), k=0):
-    """Two numbers equal: relatively tight, or a short decimal is a rounding of an exact value."""
-    if a == b:
+def _mag(q):
+    """floor(log10(q)) for a Fraction q > 0, exactly (a float log10 misplaces 1000 and 0.001)."""
+    m = len(str(q.numerator)) - len(str(q.denominator))
+    while Fraction(10) ** m > q:
+        m -= 1
+    while Fraction(10) ** (m + 1) <= q:
+        m += 1
+    return m
+
+
+def _terminates(x):
+    """Does the exact rational x have a finite decimal expansion (3, 1/8), unlike 1/3?"""
+    d = int(x.q)
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _rounds_to(exact, dec, sig):
+    """Is the decimal dec (a Fraction, sig significant digits as written) the value exact rounded to
+    its last stated digit? |exact - dec| <= half a unit in that digit."""
+    if dec[1] or exact[1] or dec[0] == 0:  # complex values and a bare 0.0 must match exactly
+        return False
+    ulp = Fraction(10) ** (_mag(abs(dec[0])) - sig + 1)
+    return abs(exact[0] - dec[0]) <= ulp / 2
+
+
+MIN_SIG = 4  # significant digits a decimal prediction needs for a gold with no finite decimal (1/3, pi)
+
+
+def _close(p, g, ep, eg, sp_, sg, syms=(), k=0):
+    """Value p of the prediction equals value g of the gold. The rule (documented in is_equiv):
+    equal values pass; beyond that only a decimal number stated to a precision can match an exact value
+    it rounds, and only as the rounding rule allows."""
+    if p == g:
         return True
-    if _size(a) == 0 or _size(b) == 0:  # an unsimplified zero shrinks when evaluated more precisely
-        e, v = (eb, b) if _size(a) == 0 else (ea, a)
+    if _size(p) == 0 or _size(g) == 0:  # an unsimplified zero shrinks when evaluated more precisely
+        e, v = (eg, g) if _size(p) == 0 else (ep, p)
         v2 = _num(e, syms, k, 2 * DPS)
         return v2 is not None and _size(v2) < _size(v) * Fraction(1, 10 ** 20)
-    diff = (a[0] - b[0], a[1] - b[1])
-    if (sig_a is None) == (sig_b is None):
-        return _size(diff) <= REL_TOL * max(_size(a), _size(b))
-    p, v, sig = (a, b, sig_a) if sig_a is not None else (b, a, sig_b)
-    if sig < 3 or p[1] or v[1]:  # 0.33 is not 1/3; 0.333 and 3.14 (for pi) are
+    if _size((p[0] - g[0], p[1] - g[1])) <= REL_TOL * max(_size(p), _size(g)):
+        return True  # the same number, to 35 digits
+    dec_p = sp_ is not None and not syms and ep.is_Rational  # a decimal number, as written
+    dec_g = sg is not None and not syms and eg.is_Rational
+    if dec_p == dec_g:  # both exact, or both decimals: 2.54 is not 2.5, 0.333 is not 0.33
         return False
-    mag = int(math.floor(math.log10(abs(p[0]))))  # p is a short decimal literal, so float is safe here
-    ulp = Fraction(10) ** (mag - sig + 1)
-    d = abs(diff[0])
-    return d <= ulp / 2 or (abs(p[0]) <= abs(v[0]) and d < ulp)  # rounded or truncated
+    if dec_g:  # a decimal gold fixes the precision it asks for: 1/3 and pi state 0.33 and 3.14
+        return sg >= 2 and not (ep.is_Rational and _terminates(ep)) and _rounds_to(p, g, sg)
+    if eg.is_Rational and _terminates(eg):  # 2.99 is not 3, 0.38 is not 3/8: a finite decimal is exact
+        return False
+    return sp_ >= MIN_SIG and _rounds_to(g, p, sp_)  # 1.414 for sqrt 2, not 1.41; 0.6667 for 2/3, not 0.6666
 
 
 def _scalar_eq(a, b):
+    """a: from the prediction, b: from the gold (the decimal rule is not symmetric)."""
     (_, ea, sa), (_, eb, sb) = a, b
     if ea == eb:
-        return True
+        return not ea.has(sp.zoo, sp.nan)  # 12:00 is not 1:00, though both are 1/0
     ma, mb = isinstance(ea, sp.MatrixBase), isinstance(eb, sp.MatrixBase)
-    if ma or mb:
+    if ma or mb:  # sig of a matrix is one per cell
+        cells = lambda m, s: s if isinstance(s, tuple) else (s,) * len(m)
         return ma and mb and ea.shape == eb.shape and all(
-            _scalar_eq(("x", x, sa), ("x", y, sb)) for x, y in zip(ea, eb))
+            _scalar_eq(("x", x, s), ("x", y, t)) for x, y, s, t in zip(ea, eb, cells(ea, sa), cells(eb, sb)))
     if ea.has(sp.oo, -sp.oo, sp.zoo, sp.nan) or eb.has(sp.oo, -sp.oo, sp.zoo, sp.nan):
         return False
     fa, fb = ea.free_symbols, eb.free_symbols
     if fa != fb:
         return False
     if not fa:
-        if ea.is_Rational and eb.is_Rational and sa is None and sb is None:
-            return False  # exact and different: 1/2^98 is not 1/2^99
+        if ea.is_Rational and eb.is_Rational and (sa is None) == (sb is None):
+            return False  # exact and different: 1/2^98 is not 1/2^99; 2.54 is not 2.5
         va, vb = _num(ea), _num(eb)
-        return va is not None and vb is not None and _close(va, vb, sa, sb, ea, eb)
+        return va is not None and vb is not None and _close(va, vb, ea, eb, sa, sb)
     syms = tuple(sorted(fa, key=str))
     agree = 0
     for k in range(len(_POINTS)):  # three points where both sides are defined must agree
         va, vb = _num(ea, syms, k), _num(eb, syms, k)
         if va is None or vb is None:
             continue
-        if not _close(va, vb, sa, sb, ea, eb, syms, k):
+        if not _close(va, vb, ea, eb, sa, sb, syms, k):
             return False
         agree += 1
         if agree == 3:
@@ -706,8 +868,8 @@ def _label(e):
     x = e[1]
     if isinstance(x, sp.Abs):
         x = x.args[0]
-    factors = x.args if isinstance(x, sp.Mul) else (x,)
-    return all(f.is_Symbol for f in factors)  # 2x = 6 is an equation, not a label
+    factors = x.args if isinstance(x, sp.Mul) else (x,)  # 2x = 6 is an equation, not a label;
+    return all(f.is_Symbol or (f.is_Pow and f.base.is_Symbol and f.exp == -1) for f in factors)  # V_1:V_2 is
 
 
 def _rel_value(r):
@@ -716,8 +878,11 @@ def _rel_value(r):
     if "~" in ops[1:]:  # x = 1/3 \approx 0.33: the exact value comes before the approximation
         cut = ops.index("~", 1)
         ops, xs = ops[:cut], xs[:cut + 1]
-    if all(o in ("=", "~") for o in ops) and (_label(xs[0]) or len(xs) > 2):
-        return xs[-1]
+    numeric = all(x[0] == "x" and not isinstance(x[1], sp.MatrixBase) and not x[1].free_symbols for x in xs)
+    if all(o in ("=", "~") for o in ops) and (_label(xs[0]) or len(xs) > 2 or numeric):
+        return xs[-1]  # x = 3, a = b = 3, and a computation 2 + 3 = 5 state their last side
+    if ops == ("=",) and _label(xs[1]) and xs[0][0] != "rel" and not (xs[0][0] == "x" and xs[0][1].free_symbols):
+        return xs[0]  # 5 = s
     if ops == ("in",) and _label(xs[0]):
         return xs[1]
     if 0 < len(ops) <= 2 and all(o in ("<", "<=", ">", ">=") for o in ops):
@@ -726,10 +891,26 @@ def _rel_value(r):
         if len(ops) == 1:  # x < 5  ->  -oo < x < 5;  5 < x  ->  5 < x < oo
             inf = lambda s: ("x", s * sp.oo, None)
             ops, xs = (("<",) + ops, (inf(-1),) + xs) if _label(xs[0]) else (ops + ("<",), xs + (inf(1),))
-        if any(o not in ("<", "<=") for o in ops) or not (xs[1][0] == "x" and xs[1][1].is_Symbol):
+        if any(o not in ("<", "<=") for o in ops) or not _label(xs[1]):
             return None
+        if isinstance(xs[1][1], sp.Abs):
+            return _abs_set(ops, xs[0], xs[2])
         return ("tuple", ("[" if ops[0] == "<=" else "(") + ("]" if ops[1] == "<=" else ")"), (xs[0], xs[2]))
     return None
+
+
+def _abs_set(ops, lo, hi):
+    """The set of z with lo (<|<=) |z| (<|<=) hi, as intervals: 1 <= |z| <= 3/2 is [-3/2, -1] U [1, 3/2]."""
+    if lo[0] != "x" or hi[0] != "x" or not (lo[1].is_number and hi[1].is_number):
+        return None
+    (a, b), (o0, o1) = (lo[1], hi[1]), ops
+    if a.is_extended_negative or (a.is_zero and o0 == "<="):  # only the upper bound cuts: -3 < |z| < 2 is (-2, 2)
+        br = ("[", "]") if o1 == "<=" else ("(", ")")
+        return ("tuple", "".join(br), (("x", -b, hi[2]), hi)) if b.is_finite else \
+            ("tuple", "()", (("x", -sp.oo, None), ("x", sp.oo, None)))
+    left = ("[" if o1 == "<=" and b.is_finite else "(") + ("]" if o0 == "<=" else ")")
+    right = ("[" if o0 == "<=" else "(") + ("]" if o1 == "<=" and b.is_finite else ")")
+    return ("union", (("tuple", left, (("x", -b, hi[2]), ("x", -a, lo[2]))), ("tuple", right, (lo, hi))))
 
 
 def _proportional(f, g, positive):
@@ -787,18 +968,21 @@ def _eq(a, b):
     if ka == "rel" or kb == "rel":
         if ka == kb:
             return _rel_eq(a, b)
-        r, o = (a, b) if ka == "rel" else (b, a)
-        v = _rel_value(r)
-        return v is not None and _eq(v, o)
+        if ka == "rel":  # the argument order is kept throughout: a from the prediction, b from the gold
+            v = _rel_value(a)
+            return v is not None and _eq(v, b)
+        v = _rel_value(b)
+        return v is not None and _eq(a, v)
     if ka == "text" or kb == "text":
         if ka == "x" or kb == "x":  # \text{odd} parsed as a symbol vs the bare word
             x = a if ka == "x" else b
             t = b if ka == "x" else a
             return x[1].is_Symbol and str(x[1]).lower() == t[1]
         return ka == kb and a[1] == b[1]
-    for one, other in ((a, b), (b, a)):  # {5} and (5) are 5
-        if one[0] in ("set", "list") and len(one[1]) == 1 and other[0] == "x":
-            return _eq(one[1][0], other)
+    if ka in ("set", "list") and len(a[1]) == 1 and kb == "x":  # {5} and (5) are 5
+        return _eq(a[1][0], b)
+    if kb in ("set", "list") and len(b[1]) == 1 and ka == "x":
+        return _eq(a, b[1][0])
     if ka == "x" and kb == "x":
         return _scalar_eq(a, b)
     if ka == "tuple" and kb == "tuple":
@@ -814,11 +998,15 @@ def _eq(a, b):
         xa, xb = items(a), items(b)
         return len(xa) == len(xb) and all(_eq(x, y) for x, y in zip(xa, xb))
     if {ka, kb} == {"union", "tuple"} or {ka, kb} == {"union", "set"}:
-        u, o = (a, b) if ka == "union" else (b, a)
-        return len(u[1]) == 1 and _eq(u[1][0], o)
+        if ka == "union":
+            return len(a[1]) == 1 and _eq(a[1][0], b)
+        return len(b[1]) == 1 and _eq(a, b[1][0])
     if {ka, kb} == {"x", "tuple"}:  # a column / row vector vs a tuple
-        m, t = (a[1], b) if ka == "x" else (b[1], a)
-        return isinstance(m, sp.MatrixBase) and 1 in m.shape and _eq(("tuple", t[1], tuple(_box(x) for x in m)), t)
+        vec = lambda v: ("tuple", "()", tuple(("x", x, v[2][i] if isinstance(v[2], tuple) else v[2])
+                                              for i, x in enumerate(v[1]))) \
+            if isinstance(v[1], sp.MatrixBase) and 1 in v[1].shape else None
+        a, b = (vec(a), ("tuple", "()", b[2])) if ka == "x" else (("tuple", "()", a[2]), vec(b))
+        return a is not None and b is not None and _eq(a, b)
     return False
 
 
@@ -826,9 +1014,25 @@ def _eq(a, b):
 # public API
 
 def is_equiv(pred, gold, choices=None, budget_s=1.0):
-    """Mathematical equivalence of two answers (LaTeX or plain; a whole response is reduced to its
-    answer). choices: option texts for a multiple-choice question (letters A, B, ... in order).
-    Never raises; bounded time (budget_s of comparisons, plus capped parsing); unreadable -> False."""
+    """Mathematical equivalence of a predicted and a gold answer (LaTeX or plain; a whole response is
+    reduced to its answer). choices: option texts for a multiple-choice question (letters A, B, ... in order).
+    Never raises; unreadable -> False. Time: budget_s of comparisons plus capped parsing, under 2 s a call
+    from any thread on one core (tests/test_reward.py's hostile table); batch_rewards adds a hard deadline.
+
+    Exact values compare exactly (1/2^98 is not 1/2^99). A decimal number as written (2.50, 1.5e3) is the
+    only thing compared with rounding, and the rule depends on which side it is on:
+      - exact gold, decimal prediction: if the gold has a finite decimal expansion (3, 3/8, 2024) the decimal
+        must be that exact value (3.0 yes, 2.99 no, 2.02e3 no). Otherwise (1/3, sqrt 2, pi) it must be the
+        gold correctly rounded to its last stated digit, with at least MIN_SIG = 4 significant digits
+        (sqrt 2: 1.414 yes, 1.41 no, 1.415 no; pi: 3.142 yes, 3.141 no). The gold is never rounded to fit
+        a shorter prediction.
+      - decimal gold, exact prediction: the gold's stated digits are the precision the task asks for
+        (MathVerse's "4.4 m", MathVision's two decimals): an exact prediction with no finite decimal
+        expansion passes when it rounds to the gold (0.33: 1/3 yes; 3.14: pi yes). A one-digit decimal
+        (0.5, 0.3) and a prediction with a finite expansion (51/100 for 0.5) must match exactly.
+      - decimal against decimal: equal values only (2.5 = 2.50; 2.54 is not 2.5, 0.333 is not 0.33).
+    Math-Verify rounds both sides to 6 decimals and Qwen2.5-Math's grader allows 1e-4 relative error; both
+    accept 2.9999999 for 3, which this rule does not. Matrices and intervals apply it cell by cell."""
     try:
         if pred is None or gold is None or len(str(pred)) > MAX_TEXT or len(str(gold)) > MAX_TEXT:
             return False
@@ -845,9 +1049,10 @@ def _equiv(p, g, choices=None):
     if _squash(p) == _squash(g):
         return True
     for x, y in ((p, g), (g, p)):  # a decimal comma (1000,99 vs 1000.99) where it cannot be a list or 1,000
-        if re.fullmatch(r"-?\d+,\d+", x) and not re.fullmatch(r"-?[1-9]\d{0,2}(,\d{3})+", x) \
-                and re.fullmatch(r"-?\d*\.\d+", y):
-            p, g = (x.replace(",", "."), y) if x is p else (y, x.replace(",", "."))
+        cx, cy = (re.sub(r"\\?\$|[€£¥\s]", "", v) for v in (x, y))  # 2,74 $
+        if re.fullmatch(r"-?\d+,\d+", cx) and not re.fullmatch(r"-?[1-9]\d{0,2}(,\d{3})+", cx) \
+                and re.fullmatch(r"-?\d*\.\d+", cy):
+            p, g = (cx.replace(",", "."), y) if x is p else (y, cx.replace(",", "."))
     lp, lg = _choice_letter(p), _choice_letter(g)
     if choices:
         opts = [re.sub(r"^\s*\(?[A-Z][).:]\s*", "", str(c)) for c in choices]
@@ -878,12 +1083,12 @@ def _format_ok(response):
 def compute_reward(response, gold, choices=None, truncated=False, format_weight=0.0, zero_if_truncated=True,
                    judge=None, question=""):
     """RL reward in [0, 1]: (1 - format_weight) * correct + format_weight * format score.
-    correct: the answer after </think> (or in the whole text) is_equiv to gold; a gold that is free-form
+    correct: extract_answer(response) is_equiv to gold (eval.py scores with the same two calls); a gold that is free-form
     text with no rule to check it goes to the judge when judge=dict(url=..., model=...) is given."""
     if truncated and zero_if_truncated:
         return 0.0
     response = response or ""
-    pred = extract_answer(response.split("</think>")[-1])  # after the thinking, if there is any
+    pred = extract_answer(response)  # the text after </think>, if there is any thinking
     correct = float(pred is not None and is_equiv(pred, gold, choices))
     if not correct and judge and pred is not None and needs_judge(gold, choices):
         correct = float(judge_equiv(question, pred, gold, **judge))
@@ -1089,6 +1294,11 @@ def _close_pool():  # before interpreter teardown, or the pool's finalizer fails
         _POOL = None
 
 
+def _ready(_):
+    time.sleep(0.2)  # long enough that each worker takes one of these, after importing this module
+    return True
+
+
 def batch_rewards(responses, golds, choices=None, truncated=None, workers=2, timeout=2.0, **kw):
     """compute_reward over a batch in worker processes. Calls are queued `workers` at a time, each
     one bounded by `timeout` seconds: results not back by then count 0 and the pool is replaced."""
@@ -1098,6 +1308,9 @@ def batch_rewards(responses, golds, choices=None, truncated=None, workers=2, tim
     truncated = truncated or [False] * n
     if _POOL is None:  # spawn, not fork: the caller holds torch threads
         _POOL = mp.get_context("spawn").Pool(workers)
+        # start-up (a fresh interpreter importing sympy, seconds on a busy CPU) is not scoring time: wait
+        # for it before any deadline starts, or the first batch would count 0 for every response
+        _POOL.map_async(_ready, range(workers), chunksize=1).get(300)
     jobs = [_POOL.apply_async(compute_reward, (r, g), dict(choices=c, truncated=t, **kw))
             for r, g, c, t in zip(responses, golds, choices, truncated)]
     deadline = time.monotonic() + timeout * (1 + math.ceil(n / workers))

@@ -1,15 +1,19 @@
 """
 Verifications per second and agreement with the expected verdict: reward.is_equiv vs HF math-verify,
-side by side on the same pairs built from MATH500 answers (shared/data/math500.jsonl):
-  - positive: gold vs an equivalent rewriting of it (expected True),
-  - negative: gold vs another problem's answer (expected False).
-Both verifiers read the same prediction, a short response ending "... the final answer is $\\boxed{...}$.";
-math-verify gets the gold as "$gold$" (its parser needs math delimiters), reward.py the bare gold.
+side by side on the same pairs.
+  1. MATH-500 pairs built from its answer key (data/eval/math500.jsonl from data/prepare_eval.py, or any
+     JSONL with an "answer" field given as the argument):
+       - positive: gold vs an equivalent rewriting of it (expected True),
+       - negative: gold vs another problem's answer (expected False).
+     Both verifiers read the same prediction, a short response ending "... the final answer is $\\boxed{...}$.";
+     math-verify gets the gold as "$gold$" (its parser needs math delimiters), reward.py the bare gold.
+  2. tests/data/answer_keys.jsonl: MathVerse and MATH-500 golds with hand-written predictions and verdicts
+     (units, bearings, rounding); each prediction is given bare to reward.py and as "$pred$" to math-verify.
 
 math-verify lives in its own venv, not in requirements.txt:
-    python -m venv /tmp/mv-venv && /tmp/mv-venv/bin/pip install 'math-verify[antlr4_13_2]'
-    /tmp/mv-venv/bin/python bench/bench_reward.py      # both verifiers
-    python bench/bench_reward.py                       # reward.py only, when math_verify is not importable
+    python -m venv /tmp/mv-venv && /tmp/mv-venv/bin/pip install 'math-verify[antlr4_13_2]==0.9.0' tqdm
+    /tmp/mv-venv/bin/python bench/bench_reward.py [PATH/math500.jsonl]   # both verifiers
+    python bench/bench_reward.py [PATH/math500.jsonl]                    # reward.py only
 Timing: one pass over all pairs in this process, caches cleared first ("cold"; golds repeat, so gold
 parses are reused as in RL), then a second pass for reward.py ("warm").
 """
@@ -23,9 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reward  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "math500.jsonl")
-if not os.path.exists(DATA):
-    DATA = "/work/shared/data/math500.jsonl"
+DATA = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "data", "eval", "math500.jsonl")
+KEYS = os.path.join(ROOT, "tests", "data", "answer_keys.jsonl")
 
 
 def rewrite(gold, k):
@@ -87,13 +90,17 @@ def run(name, verify, pairs):
 
 
 def main():
+    assert os.path.exists(DATA), f"{DATA} not found: run data/prepare_eval.py math500 ... or pass a JSONL path"
     pairs = build_pairs()
-    print(f"{len(pairs)} pairs from {DATA} ({sum(e for *_, e in pairs)} positive)")
+    keys = [(r["gold"], r["pred"], r["expected"]) for r in map(json.loads, open(KEYS, encoding="utf-8"))]
+    print(f"{len(pairs)} pairs from {DATA} ({sum(e for *_, e in pairs)} positive); {len(keys)} from {KEYS}")
     ours = lambda g, p: reward.is_equiv(response(p), g)
     reward._values.cache_clear()
     reward._num.cache_clear()
+    reward._answer_cached.cache_clear()
     speed, agree = run("reward.is_equiv (cold)", ours, pairs)
     run("reward.is_equiv (warm)", ours, pairs)
+    _, keys_agree = run("reward.is_equiv, keys", lambda g, p: reward.is_equiv(p, g), keys)
     try:
         from math_verify import parse, verify
     except ImportError:
@@ -101,7 +108,9 @@ def main():
         return
     mv = lambda g, p: bool(verify(parse(f"${g}$"), parse(response(p))))
     mv_speed, mv_agree = run("math-verify", mv, pairs)
-    print(f"speed ratio reward/math-verify: {speed / mv_speed:.1f}x; agreement {agree} vs {mv_agree}")
+    _, mv_keys = run("math-verify, keys", lambda g, p: bool(verify(parse(f"${g}$"), parse(f"${p}$"))), keys)
+    print(f"speed ratio reward/math-verify: {speed / mv_speed:.1f}x; agreement {agree} vs {mv_agree} (MATH-500 pairs), "
+          f"{keys_agree} vs {mv_keys} (answer keys)")
 
 
 if __name__ == "__main__":

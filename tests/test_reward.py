@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -119,11 +120,41 @@ RULES = {
     "plain words": [
         ("Evelyn", "evelyn", T), ("\\text{Evelyn}", "Evelyn.", T), ("\\text{even}", "even", T), ("no solution", "No Solution", T),
         ("yes", "No", F), ("odd", "even", F), ("\\text{east}", "west", F)],
-    "numeric tolerance": [
-        ("\\frac{1}{3}", "0.333", T), ("\\frac{2}{3}", "0.6667", T), ("\\pi", "3.14159", T), ("\\sqrt{2}", "1.414", T),
-        ("\\frac{1}{12}", "0.0833333333333333", T), ("1/2^{98}", "1/2^{99}", F), ("1/2004!", "1/2006!", F),
-        ("\\frac{1}{3}", "0.3", F), ("\\frac{2}{3}", "0.67", F), ("0.1", "0.1000000001", F), ("10^{-20}", "10^{-21}", F),
-        ("2", "2.0001", F), ("16386.17", "16386.16", F), ("e^{-100}", "0", F), ("640320^3+744", "e^{\\pi\\sqrt{163}}", F)],
+    "numeric tolerance (exact values)": [
+        ("1/2^{98}", "1/2^{98}", T), ("e^{\\pi\\sqrt{163}}", "e^{\\sqrt{163}\\pi}", T), ("1/2^{98}", "1/2^{99}", F),
+        ("1/2004!", "1/2006!", F), ("0.1", "0.1000000001", F), ("10^{-20}", "10^{-21}", F), ("2", "2.0001", F),
+        ("16386.17", "16386.16", F), ("e^{-100}", "0", F), ("640320^3+744", "e^{\\pi\\sqrt{163}}", F)],
+    "labelled golds and ratios": [
+        ("V_1:V_2=11:21", "11:21", T), ("V_{1}:V_{2}=11:21", "22:42", T), ("S_{MBCN}:S=7:32", "7:32", T),
+        ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{1}{\\sqrt{6}}", T), ("A:B=1", "1", T),
+        ("V_1:V_2=11:21", "21:11", F), ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{1}{\\sqrt{5}}", F),
+        ("12:00", "1:00", F), ("7 = 11a+c", "11a+c", F)],
+    "list glue": [
+        ("19, 46, and 82", "19, 46, \\text{ and } 82", T), ("(11,7)or(7,11)", "(7,11),\\ (11,7)", T),
+        ("x_{1}=2,\\quadx_{2}=3", "2, 3", T), ("p=5,q=2;p=7,q=2", "(5,2),(7,2)", T),
+        ("19, 46, and 82", "19, 46", F), ("(11,7)or(7,11)", "(7,11)", F), ("p=5,q=2;p=7,q=2", "(5,2),(2,7)", F)],
+    "absolute-value inequalities vs intervals": [
+        ("1\\leq|z|\\leq \\frac{3}{2}", "z \\in \\left[-\\frac{3}{2}, -1\\right] \\cup \\left[1, \\frac{3}{2}\\right]", T),
+        ("|x| < 2", "(-2, 2)", T), ("|x| > 3", "(-\\infty,-3)\\cup(3,\\infty)", T), ("0<|x|\\le 1", "[-1,0)\\cup(0,1]", T),
+        ("1\\leq|z|\\leq 2", "[1, 2]", F), ("|x|<2", "[-2,2]", F), ("|x| > 3", "(3,\\infty)", F)],
+    "decimal commas and currency": [
+        ("2.74", "2,74 \\$", T), ("2.74", "Soucis : 2,74 $ a..", T), ("1000.99", "1,000.99€", T), ("5", "£5", T),
+        ("2.74", "2,75 $", F), ("1000", "1,000.99€", F), ("2", "AZYUK2A", F)],
+    "percent": [
+        ("12.5\\%", "12.5%", T), ("100\\%", "The error increases by 100%.", T), ("5\\%", "5 \\text{ percent}", T),
+        ("50\\%", "0.05", F), ("12.5\\%", "0.0125", F)],
+    "MathVision answer-key typos": [
+        ("\x0crac{36}{13}", "\\frac{36}{13}", T), ("69{degrees}", "69", T), ("\\frac{3}{4}\\pi{inches}", "0.75\\pi", T),
+        ("\\frac{7^3}{2^{12} 13^2}", "\\frac{343}{692224}", T), ("69{degrees}", "96", F), ("\x0crac{36}{13}", "36", F)],
+    "Greek letters with subscripts": [
+        ("\\theta_1", "\\theta_{1}", T), ("\\omega_L", "\\omega_{L}", T), ("2\\theta_1", "\\theta_1 + \\theta_1", T),
+        ("\\alpha_1 + \\beta_2", "\\beta_{2} + \\alpha_{1}", T), ("\\theta_1", "\\theta_2", F), ("\\omega_L", "\\omega", F)],
+    "inverse trig": [
+        ("\\sin^{-1}(1/2)", "\\frac{\\pi}{6}", T), ("\\arcsin x", "\\sin^{-1} x", T), ("\\tan^{-1} 1", "\\frac{\\pi}{4}", T),
+        ("\\cos^{-1}(0)", "\\frac{\\pi}{2}", T), ("\\sin^{-1}(1/2)", "2", F), ("\\frac{1}{\\sin x}", "\\sin^{-1} x", F)],
+    "degrees inside trig": [
+        ("\\frac{1}{2}", "\\sin 30^\\circ", T), ("\\frac{\\sqrt{3}}{2}", "\\cos(30°)", T), ("1", "\\tan 45^{\\circ}", T),
+        ("\\frac{1}{2}", "\\sin 30", F), ("\\frac{1}{2}", "\\cos 30^\\circ", F)],
     "symbolic expressions": [
         ("\\frac{x+2}{7}", "\\frac{x}{7} + \\frac{2}{7}", T), ("\\tan^2 y + 1", "\\sec^2 y", T),
         ("(a+b)^2", "a^2 + 2ab + b^2", T), ("2\\sin x \\cos x", "\\sin 2x", T), ("\\frac{1}{\\sqrt{n}}", "\\sqrt{\\frac{1}{n}}", T),
@@ -160,12 +191,82 @@ def test_multiple_choice_with_option_texts():
     assert is_equiv("C", "7", choices)             # gold given as text, pred as letter
 
 
+# The decimal rule (reward.py's docstring), not symmetric: (gold, pred, expected), both directions.
+DECIMALS = [
+    # an exact gold with a finite decimal expansion: only that exact value
+    ("3", "3.0", T), ("3", "3.00", T), ("\\frac38", "0.375", T), ("1500", "1.5\\times10^{3}", T),
+    ("3", "2.99", F), ("100", "99.9", F), ("10", "9.99", F), ("4", "3.99", F), ("9", "8.99", F), ("70", "69.9", F),
+    ("200", "199.9", F), ("3", "3.01", F), ("\\frac38", "0.38", F), ("2024", "2.02\\times10^3", F),
+    # an exact gold with no finite decimal: correctly rounded, at least 4 significant digits
+    ("\\sqrt{2}", "1.414", T), ("\\sqrt{2}", "1.4142", T), ("\\pi", "3.142", T), ("\\pi", "3.14159", T),
+    ("\\frac{1}{3}", "0.3333", T), ("\\frac{2}{3}", "0.6667", T), ("\\frac{1}{12}", "0.0833333333333333", T),
+    ("2024\\pi", "6358.6", T), ("e^{-10}", "0.00004540", T), ("\\sqrt{2}", "1.41", F), ("\\pi", "3.14", F),
+    ("\\pi", "3.141", F), ("\\frac{1}{3}", "0.333", F), ("\\frac{2}{3}", "0.6666", F), ("\\frac{2}{3}", "0.67", F),
+    ("e^{-10}", "0.0000454", F), ("2024\\pi", "6359", F),  # an integer is an exact claim
+    # a decimal gold sets the precision asked for: an exact prediction that rounds to it (2+ digits)
+    ("0.33", "\\frac13", T), ("3.14", "\\pi", T), ("1.41", "\\sqrt{2}", T), ("4.4", "\\sqrt{19}", T),
+    ("2.5", "\\frac52", T), ("3.14", "\\frac{22}{7}", T),  # a 3-digit gold cannot tell 22/7 from pi
+    ("0.34", "\\frac13", F), ("3.15", "\\pi", F), ("0.3", "\\frac13", F),
+    ("2.5", "\\frac{51}{20}", F), ("0.5", "\\frac{51}{100}", F),
+    # decimal against decimal: equal values only
+    ("2.5", "2.50", T), ("0.125", ".125", T), ("2.5", "2.54", F), ("0.33", "0.333", F), ("0.333", "0.33", F),
+    # matrices and intervals, cell by cell
+    ("\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", "\\begin{pmatrix}0.3333\\\\0.2\\end{pmatrix}", T),
+    ("\\begin{pmatrix}0.33\\\\0.2\\end{pmatrix}", "\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", T),
+    ("(\\frac{3}{5},\\frac{8}{3}]", "(0.6,2.6667]", T),
+    ("\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", "\\begin{pmatrix}0.33\\\\0.2\\end{pmatrix}", F),
+    ("\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", "\\begin{pmatrix}0.3333\\\\0.21\\end{pmatrix}", F),
+    ("(\\frac{3}{5},\\frac{8}{3}]", "(0.6,2.67]", F),
+]
+
+
+@pytest.mark.parametrize("gold,pred,expected", DECIMALS)
+def test_decimal_rule(gold, pred, expected):
+    assert is_equiv(pred, gold) is expected
+
+
+# Reward hacks: answers a policy could learn to write that must never pay. Every row is False.
+HACKS = [
+    # near misses on both sides of each rounding boundary
+    ("3", "2.9999"), ("3", "3.0001"), ("3", "2.99999999999"), ("\\sqrt{2}", "1.4141"), ("\\sqrt{2}", "1.4143"),
+    ("\\frac13", "0.3332"), ("\\frac13", "0.3334"), ("\\pi", "3.1415"), ("\\pi", "3.1417"),
+    ("0.33", "\\frac{1}{2.98}"), ("0.33", "\\sqrt{0.1123}"), ("3.14", "\\sqrt{9.9}"), ("3.14", "\\sqrt{9.82}"), ("100", "99.99"),
+    # candidate lists for a single answer
+    ("1", "\\boxed{1} or \\boxed{2}"), ("3", "\\boxed{1, 2, 3, 4, 5}"), ("2", "2 \\text{ or } 3"),
+    ("3", "\\boxed{2} \\text{ or } \\boxed{3}"), ("\\{1,2\\}", "\\{1,2,3\\}"), ("(1,2)", "(1,2),(2,1)"),
+    ("3", "3, 3, 4"), ("x = 3", "x = 3 \\text{ or } x = 4"), ("B", "\\text{A, B, C or D}"), ("3", "3 \\text{ (or 4)}"),
+    ("3", "\\{3\\} \\cup \\{4\\}"), ("3", "[2, 4]"), ("(1,2)", "(1,2) \\text{ or } (2,1)"), ("B", "(B) or (C)"),
+    # free variables
+    ("3", "x"), ("5", "n"), ("3", "3x"), ("3", "3 + x - x + y"), ("\\frac{1}{2}", "\\frac{a}{b}"),
+    # tautologies and statements that say nothing
+    ("3", "x = x"), ("5", "0 = 0"), ("3", "1 < 2"), ("3", "x \\le x"), ("3", "x \\in \\mathbb{R}"),
+    ("3", "\\mathbb{R}"), ("3", "(-\\infty, \\infty)"), ("3", "\\infty"), ("3", "\\frac{0}{0}"), ("3", "1/0"),
+    ("7", "\\text{undefined}"), ("x > 2", "x > x"),
+    # \pm for a single value
+    ("2", "\\pm 2"), ("3", "\\pm 3"), ("1+\\sqrt{2}", "1 \\pm \\sqrt{2}"), ("-4", "\\mp 4"),
+]
+
+
+@pytest.mark.parametrize("gold,pred", HACKS)
+def test_reward_hacks_never_pay(gold, pred):
+    assert is_equiv(pred, gold) is False
+    assert compute_reward(f"<think>...</think> The answer is $\\boxed{{{pred}}}$.", gold) == 0.0
+
+
 @pytest.mark.parametrize("text,expected", [
     ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("\\boxed{a} then \\boxed{\\frac{\\sqrt{2}}{\\{3\\}}}", "\\frac{\\sqrt{2}}{\\{3\\}}"),  # last, nested braces
     ("we get \\boxed 5$ done", "5"),
     ("\\fbox{7}", "7"),
-    ("<think>try \\boxed{1}</think> <answer>2</answer>", "1"),  # a boxed answer anywhere comes first
+    ("<think>try \\boxed{1}</think> <answer>2</answer>", "2"),  # only the text after </think> counts
+    ("<think>so \\boxed{1}</think> no box here", None),
+    ("\\boxed{1}. Wait, that is wrong. The final answer is 2.", "2"),  # the last marker wins
+    ("The final answer is $\\boxed{3}$. I hope it is correct.", "3"),
+    ("\\boxed{4}. I think the answer is correct.", "4"),  # a weak "answer is" never beats a box
+    ("<answer>\\boxed{5}</answer>", "5"),
+    ("$y_1 = \\boxed{2}$ and $y_2 = \\boxed{3}$", "2, 3"),  # a label between boxes is glue too
+    ("\\boxed{1} papers and \\boxed{2} bins", "1, 2"),
+    ("\\boxed{1} is wrong, so \\boxed{2}", "2"),
     ("<think>hmm</think><answer> 42 </answer>", "42"),
     ("... The final answer is $28\\%$. I hope it is correct.", "$28\\%$"),
     ("Answer: 17", "17"),
@@ -192,16 +293,105 @@ def test_whole_responses(gold, response, expected):
     assert is_equiv(response, gold) is expected
 
 
+def test_public_answer_keys():
+    """Golds copied from MathVerse and MATH-500 (tests/data/README.md), predictions and verdicts by hand."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "answer_keys.jsonl")
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert len(rows) > 100 and {r["source"] for r in rows} == {"mathverse", "math500"}
+    wrong = [(r["gold"], r["pred"], r["expected"]) for r in rows if is_equiv(r["pred"], r["gold"]) is not r["expected"]]
+    assert wrong == []
+
+
+# -----------------------------------------------------------------------------
+# HF Math-Verify's own test cases (MIT licence), from its sdist, against is_equiv. Get the sdist with
+#   pip download --no-binary=:all: --no-deps math-verify==0.9.0 -d DIR; export MATH_VERIFY_SDIST=DIR/math_verify-0.9.0.tar.gz
+# Every pytest table of (gold, pred, expected) in its tests/ runs, except rows that ask upstream for a
+# non-default setting (allow_set_relation_comp=True, strict=False). Where upstream's expected verdict and
+# ours differ, the row is listed here with the reason; the test fails on any other difference.
+UPSTREAM_DISAGREE = {
+    # Math-Verify issue #82: the LaTeX fails to parse upstream and both sides fall back to the number 1;
+    # 1 - 1/e and 1 + 1/e are different numbers.
+    ("$1 - \\frac{1}{\\mathrm{e}}$", "$1 + \\frac{1}{\\mathrm{e}}$"),
+    # upstream runs this row with float_rounding=2; our rule asks a decimal prediction for 1/3 to state
+    # four significant digits (0.3333), see the decimal rule in reward.py
+    ("$(\\begin{pmatrix}\\frac{1}{3}\\\\ \\frac{1}{5} \\end{pmatrix})$", "$\\begin{pmatrix}0.33\\\\0.2 \\end{pmatrix}$"),
+    # upstream is deliberately asymmetric (a gold set vs a predicted relation is False unless
+    # allow_set_relation_comp); is_equiv is symmetric here: -2 <= x <= 7 states the set [-2, 7]
+    (r"$x \in [-2,7]$", r"$-2 \\le x \\le 7$"),
+    # upstream's boxed="all" joins every box in the gold; we join boxes only across glue (and, or, commas),
+    # so "\boxed{35 cm} ++++++ \boxed{4}" answers 4
+    ("$\\\\boxed{35 cm} ++++++ \\\\boxed{4}$", "${35 cm,4}$"),
+    # W(n) = 1 vs W(x) = 1: different labels are different statements, as x = 3 vs y = 3 (upstream's
+    # own strict mode says the same of f(x) vs f(y) in test_strict.py)
+    ("\\\\boxed{W(n) = 1 \\\\text{ and } W(n) = -1", "W(x)=1orW(x)=-1"),
+}
+
+
+def _upstream_cases(sdist):
+    """(file, gold, pred, expected) from the pytest.mark.parametrize tables of an sdist's tests/*.py."""
+    import ast
+    import tarfile
+    sources = []
+    if os.path.isdir(sdist):
+        for root, _, files in os.walk(sdist):
+            sources += [(f, open(os.path.join(root, f)).read()) for f in files if f.startswith("test_") and
+                        f.endswith(".py") and os.path.basename(root) == "tests"]
+    else:
+        with tarfile.open(sdist) as tar:
+            sources = [(os.path.basename(m.name), tar.extractfile(m).read().decode()) for m in tar.getmembers()
+                       if re.fullmatch(r"[^/]+/tests/test_\w+\.py", m.name)]
+    cases = []
+    for name, src in sorted(sources):
+        for node in ast.walk(ast.parse(src)):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "parametrize"):
+                continue
+            names = [n.strip() for n in ast.literal_eval(node.args[0]).split(",")]
+            if not {"gold", "pred"} <= set(names) or not isinstance(node.args[1], ast.List):
+                continue
+            for elt in node.args[1].elts:
+                try:
+                    row = dict(zip(names, ast.literal_eval(elt)))
+                except ValueError:  # an f-string row: built at import time upstream, not data
+                    continue
+                if row.get("allow_set_relation_comp") or row.get("strict") is False:
+                    continue
+                cases.append((name, row["gold"], row["pred"], bool(row.get("expected", row.get("result")))))
+    return cases
+
+
+def test_math_verify_upstream_suite(capsys):
+    sdist = os.environ.get("MATH_VERIFY_SDIST")
+    if not sdist or not os.path.exists(sdist):
+        pytest.skip("set MATH_VERIFY_SDIST to math-verify's sdist (see the comment above this test)")
+    cases = _upstream_cases(sdist)
+    assert len(cases) > 200, f"only {len(cases)} cases read from {sdist}"
+    differ = {(g, p) for _, g, p, e in cases if is_equiv(p, g) is not e}
+    agree = len(cases) - len(differ)
+    with capsys.disabled():
+        print(f"\nMath-Verify upstream suite: {agree}/{len(cases)} agree ({100 * agree / len(cases):.1f}%)")
+    assert differ - UPSTREAM_DISAGREE == set(), "new disagreements with upstream"
+    assert UPSTREAM_DISAGREE - differ == set(), "listed disagreements that now agree: drop them from the list"
+    assert agree >= 0.98 * len(cases)
+
+
 # -----------------------------------------------------------------------------
 # hostile inputs: bounded time in the caller's thread, other threads and worker processes
 
+BOUND_S = 2.0  # reward.py's documented bound on one is_equiv call
+SLACK_S = 1.0  # a loaded, shared CPU; the bound itself is what these tests are about
 HOSTILE = ["9^{9^{9^{9}}}", "100000!", "10^{10^{10}}", "x" * 100_000, "{" * 5000 + "1" + "}" * 5000,
            "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 3000, "\\boxed{" * 20000, "\\(" * 50_000, "$" * 100_000,
            "<answer>" * 20000, "1" * 50_000, "\\sin(2^{65000})", "e^{2^{65000}}", "x^{2^{65000}}",
            "\\sqrt{" + "7" * 900 + "}", "\\cdot".join("\\sqrt{7^{180}+%d}" % k for k in range(40)),
            "\\binom{100000}{50000}", "(5000!)!", "\\sqrt{2}^{100000}", "e^{e^{e^{e^{e^{e^{10}}}}}}", "\\tan(\\pi/2)",
            "1/0", "\\begin{pmatrix}" + "1&" * 500 + "1\\end{pmatrix}", ",".join(["1"] * 400),
-           "\\lceil e^{2^{60000}} \\rceil", "0.\\overline{" + "9" * 900 + "}"]
+           "\\lceil e^{2^{60000}} \\rceil", "0.\\overline{" + "9" * 900 + "}",
+           # exp and friends: one evalf of exp(10^3000) took 10 s before their arguments were capped
+           "\\exp(10^{3000})", "\\exp(10^{10000})", "\\exp(-10^{4000})", "e^{x 10^{3000}}", "x^{10^{3000}}",
+           "(x+1)^{10^{3000}}", "\\sin(10^{3000} i)", "\\cosh(10^{4000})", "\\exp(\\exp(\\exp(10)))",
+           "\\sin(x 10^{3000}) + \\exp(x^{9} 10^{900})", "2^{\\exp(10^{3000})}", "\\tanh(10^{4000})",
+           "\\begin{pmatrix}1&1\\\\1&0\\end{pmatrix}^{100000}", "\\sin^{-1}(10^{3000})", "\\sin 10^{3000}^\\circ",
+           "\\binom{x}{10^{3000}}", "e^{e^{x^{9}}}", "(x^{9})!"]
 GOLDS = ["1", "9^{9^{9^{9}}}", "\\frac{1}{2}", "x+1"]
 
 
@@ -226,7 +416,7 @@ def test_hostile_inputs_bounded_in_this_thread(capsys):
             verdicts.append(is_equiv(p, q))
             dt = max(dt, time.perf_counter() - t)
         rows.append((h, dt, verdicts))
-        assert dt < 2.0, f"{h[:40]!r} took {dt:.2f}s"
+        assert dt < BOUND_S + SLACK_S, f"{h[:40]!r} took {dt:.2f}s"
     assert is_equiv("9^{9^{9^{9}}}", "9^{9^{9^{9}}}")  # identical text still matches without evaluating
     assert not is_equiv("100000!", "99999!")
     with capsys.disabled():
@@ -240,8 +430,34 @@ def test_hostile_inputs_bounded_from_threads():
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
         worst = max(ex.map(_worst_time, [HOSTILE[::2], HOSTILE[1::2]]))
         verdicts = list(ex.map(lambda c: is_equiv(c[2], c[1]), CASES))  # same verdicts from threads
-    assert worst < 2.0
+    assert worst < BOUND_S + SLACK_S
     assert verdicts == [c[3] for c in CASES]
+
+
+def test_eval_path_is_bounded_too():
+    """eval.py scores through the same worker pool: a hostile response costs at most its deadline."""
+    import eval as ev
+    hostile = ["\\boxed{%s}" % h for h in HOSTILE[-15:]]  # the exp / trig / power growth paths
+    t = time.perf_counter()
+    scores = ev.score_responses(hostile + ["\\boxed{1}"], [{"answer": "1"}] * (len(hostile) + 1), timeout=2.0)
+    dt = time.perf_counter() - t
+    assert [s["correct"] for s in scores] == [False] * len(hostile) + [True]
+    assert dt < 2.0 * (1 + len(scores)) + 30  # the pool's deadline, plus starting spawn workers
+
+
+@pytest.mark.parametrize("response,gold,pred,correct", [
+    ("<think>\\boxed{1}</think> so \\boxed{2}", "2", "2", T),
+    ("<think>\\boxed{2}</think> no box after thinking", "2", None, F),
+    ("\\boxed{1}. Wait, no. The final answer is 2.", "2", "2", T),
+    ("The final answer is $10,455$. I hope it is correct.", "10455", "$10,455$", T),
+    ("<think>x</think> $\\boxed{\\frac{1}{2}}$ as computed, done.", "0.5", "\\frac{1}{2}", T),
+    ("\\boxed{1} or \\boxed{2}", "1", "1, 2", F),
+])
+def test_eval_and_reward_read_the_same_answer(response, gold, pred, correct):
+    import eval as ev
+    assert extract_answer(response) == pred
+    assert compute_reward(response, gold) == float(correct)
+    assert ev.score_response(response, {"answer": gold}) == {"correct": correct, "pred": pred}
 
 
 def test_batch_rewards_in_worker_processes():
