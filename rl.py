@@ -10,17 +10,18 @@ The variant, exactly (OVR/ORZ used PPO with a critic; this is the critic-free GR
    scores with), else 0; scored in worker processes with a bounded time per response.
 3. Advantage: reward minus the group mean, then (adv_norm) divided by the group std (GRPO), or whitened
    over every response token of the step on all ranks (adv_norm="batch": the token-weighted mean and std,
-   as ORZ's normalize_advantages in orz/ppo/utils.py, the code OVR ran, where the advantages were PPO's
-   GAE ones from a critic), or left alone (adv_norm="none", Dr. GRPO). One scalar per response, on each of
-   its tokens.
+   as ORZ's normalize_advantages in orz/ppo/utils.py; OVR's App. B: "batch-level advantage normalisation",
+   there of PPO's GAE advantages from a critic), or left alone (adv_norm="none", Dr. GRPO). One scalar per
+   response, on each of its tokens.
 4. Dynamic sampling (DAPO): groups whose rewards are all equal carry no gradient and are dropped; prompts
    for the shortfall only are sampled until the step has its groups or `max_sampling_rounds` rounds ran.
 5. Loss: PPO's clipped surrogate per token with the range [1 - eps_low, 1 + eps_high] (DAPO clip-higher),
    summed over response tokens and divided by one denominator for every micro-batch and rank of a
    minibatch: its response-token count over all ranks (loss_norm="token", DAPO's token-level mean), or
    its number of responses over all ranks times the response cap (loss_norm="constant", Dr. GRPO: Liu et
-   al. 2025, "Understanding R1-Zero-like training", sec. 3.1, so a response's weight does not depend on its
-   own or the batch's lengths). Dr. GRPO is adv_norm="none" with loss_norm="constant".
+   al. 2025, "Understanding R1-Zero-like training", arXiv 2503.20783, so a response's weight depends on
+   neither its own length nor the batch's; TRL's loss_type="dr_grpo" divides by max_completion_length).
+   Dr. GRPO is adv_norm="none" with loss_norm="constant".
 6. `ppo_epochs` passes over the rollout batch, each in `minibatches` optimizer steps, against old
    log-probs the trainer computes before the first update. 1 x 1 is strictly on-policy (OVR, ORZ).
 7. No KL term and no entropy bonus by default (OVR, ORZ). kl_coef > 0 adds kl_coef * KL(policy || initial
@@ -97,10 +98,8 @@ format_weight = 0.0             # 0: binary correctness (OVR); see reward.comput
 reward_workers = 4              # scoring processes per rank
 reward_timeout = 2.0            # seconds per response; a response over it scores 0
 # algorithm
-adv_norm = "group"              # advantage scale: "group" (/ group std, GRPO) | "batch" (token-weighted whitening
-                                # over the step, all ranks: OVR/ORZ) | "none" (Dr. GRPO)
-loss_norm = "token"             # loss denominator: "token" (response tokens, DAPO) | "constant" (responses x cap,
-                                # Dr. GRPO)
+adv_norm = "group"              # "group" (/ group std: GRPO) | "batch" (whitened over the step: OVR) | "none" (Dr. GRPO)
+loss_norm = "token"             # loss denominator: "token" (response tokens: DAPO) | "constant" (responses x cap: Dr. GRPO)
 eps_low = 0.2                   # ratio clip at 1 - eps_low
 eps_high = 0.2                  # ratio clip at 1 + eps_high (DAPO's clip-higher: 0.28)
 ppo_epochs = 1                  # passes over each rollout batch
@@ -110,8 +109,7 @@ tis_cap = 0.0                   # truncated importance sampling: cap on p_traine
 micro_batch_tokens = 32768      # tokens per packed forward/backward; a longer sample gets its own
 # model and optim
 freeze = ""                     # comma-separated parameter-name prefixes not to train (e.g. "visual")
-dtype = "auto"                  # compute dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32";
-                                # master weights, grads and optimizer state stay fp32
+dtype = "auto"                  # compute: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"; weights fp32
 gradient_checkpointing = True   # recompute each decoder layer / vision block in backward
 learning_rate = 1e-6            # OVR/ORZ policy LR
 warmup_steps = 50               # linear warm-up from 0, then constant
@@ -143,8 +141,8 @@ def group_advantages(rewards, scale_by_std=True, eps=1e-6):
 
 def batch_normalise(adv, sums, eps=1e-6):
     """adv (N,) -> (adv - mean) / std, mean and population std over every response token of the step on all
-    ranks, each response weighted by its token count: ORZ's normalize_advantages (orz/ppo/utils.py), OVR's
-    "batch-level advantage normalisation". sums = (tokens, sum n*a, sum n*a^2), already summed over ranks."""
+    ranks, each response weighted by its token count, as ORZ's normalize_advantages (orz/ppo/utils.py) for
+    OVR's "batch-level advantage normalisation". sums = (tokens, sum n*a, sum n*a^2), summed over ranks."""
     n, s1, s2 = sums
     mean = s1 / n
     return (adv - mean) / (math.sqrt(max(s2 / n - mean * mean, 0.0)) + eps)

@@ -53,8 +53,7 @@ min_pixels = 0                  # image resize bounds in pixels (0: from init_fr
 max_pixels = 0
 # model
 freeze = "visual"               # comma-separated parameter-name prefixes to freeze (OVR: the vision tower); "" trains all
-dtype = "auto"                  # compute dtype: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32";
-                                # master weights, fp32 grad reduction and optimizer state stay fp32
+dtype = "auto"                  # compute: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"; weights fp32
 gradient_checkpointing = True   # recompute each decoder layer / vision block in backward
 # optim
 epochs = 1                      # passes over the data (each epoch reshuffles and repacks)
