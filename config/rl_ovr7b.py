@@ -31,7 +31,8 @@ overlong = "zero"            # ORZ's reward: 0 unless the response stopped by it
 dynamic_sampling = False     # OVR's PPO had none; True is DAPO's improvement for GRPO
 format_weight = 0.0
 reward_workers = 8
-adv_norm = "batch"           # closest to OVR's PPO: advantages whitened over the whole batch (ORZ's code)
+adv_norm = "batch"           # closest to OVR's PPO: advantages whitened over the whole batch (ORZ's code); a group
+                             # with equal rewards is kept (no dynamic sampling) and gets -mean/std, not 0
 loss_norm = "token"
 eps_low = 0.2
 eps_high = 0.2
