@@ -125,7 +125,7 @@ def sft_setup(tiny_model_dir, tmp_path_factory):
     return dict(ref=ref, norm=norm, unclipped=unclipped, clip=clip, args=args, folder=folder)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])  # torchrun: ~1 min
 def test_sft_step_equals_plain_loop_with_clip_grad_norm(sft_setup, nproc):
     ref, norm = sft_setup["ref"], sft_setup["norm"]
     assert norm > 1e4 * sft_setup["clip"]  # the clip engages, by far
@@ -258,7 +258,7 @@ def check_rl(tmp, m, ref, norm):
     assert max_diff(got, ref) < 1e-6, max_diff(got, ref)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])  # torchrun: ~1 min
 def test_rl_step_equals_plain_loop_with_clip_grad_norm(hf_tiny_dir, rl_data, tmp_path, nproc):
     # with an image in every prompt and everything trained (the vision tower too)
     ref, norm = rl_reference(hf_tiny_dir, str(rl_data / "red.png"))
@@ -269,7 +269,7 @@ def test_rl_step_equals_plain_loop_with_clip_grad_norm(hf_tiny_dir, rl_data, tmp
     assert m[0]["is_mean"] == pytest.approx(1.0, abs=1e-4) and m[0]["is_capped"] == 0.0  # engine = trainer
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])  # torchrun: ~1 min
 def test_rl_text_only_step_moves_the_vision_tower_alike_on_1_and_2_ranks(hf_tiny_dir, rl_data, tmp_path, nproc):
     # text-only prompts: the tower gets no gradient, but a zero one and so AdamW's weight decay, on any rank count
     ref, norm = rl_reference(hf_tiny_dir, None, weight_decay=0.5)
@@ -280,6 +280,7 @@ def test_rl_text_only_step_moves_the_vision_tower_alike_on_1_and_2_ranks(hf_tiny
     assert torch.allclose(ref[k], start[k] * (1 - 1e-3 * 0.5))  # decoupled decay only: (1 - lr * wd)
 
 
+@pytest.mark.slow  # the arithmetic is also checked by hand below, in-process
 @pytest.mark.parametrize("adv_norm,loss_norm", [("none", "constant"), ("batch", "token")])
 def test_rl_dr_grpo_and_batch_normalisation_end_to_end(hf_tiny_dir, rl_data, tmp_path, adv_norm, loss_norm):
     ref, norm = rl_reference(hf_tiny_dir, None, adv_norm, loss_norm)
@@ -295,6 +296,7 @@ def test_dynamic_sampling_asks_for_the_shortfall_only(hf_tiny_dir, rl_data, tmp_
     assert m[0]["groups_kept"] == 3 and m[0]["sampling_rounds"] == 3
 
 
+@pytest.mark.slow  # the weights and stats are also checked by hand below, in-process
 def test_tis_logged_stats_end_to_end(hf_tiny_dir, rl_data, tmp_path):
     # engine log-probs 1 nat below the trainer's: every ratio is e, over the cap 2
     m, _ = run_rl(tmp_path, hf_tiny_dir, rl_data / "text.jsonl", spec={"shift": -1.0}, tis_cap=2.0, grad_clip=1.0)
