@@ -9,23 +9,36 @@ The variant, exactly (OVR/ORZ used PPO with a critic; this is the critic-free GR
 2. Reward: 1 if the last \\boxed{} matches the gold answer (reward.compute_reward, the verifier eval.py
    scores with), else 0; scored in worker processes with a bounded time per response. With judge_url set,
    free-form golds go to a model judge instead (WeThink's hybrid reward; reward.py's judge section, README).
-3. Advantage: reward minus the group mean, divided by the group std (GRPO, scale_by_std=True) or not
-   (Dr. GRPO). One scalar per response, put on each of its tokens.
-4. Dynamic sampling (DAPO): groups whose rewards are all equal carry no gradient and are dropped; new
-   prompts are sampled until the step has its groups or `max_sampling_rounds` rounds were tried.
+3. Advantage: reward minus the group mean, then (adv_norm) divided by the group std (GRPO), or whitened
+   over every response token of the step on all ranks (adv_norm="batch": the token-weighted mean and std,
+   as ORZ's normalize_advantages in orz/ppo/utils.py; OVR's App. B: "batch-level advantage normalisation",
+   there of PPO's GAE advantages from a critic), or left alone (adv_norm="none", Dr. GRPO). One scalar per
+   response, on each of its tokens.
+4. Dynamic sampling (DAPO): groups whose rewards are all equal carry no gradient and are dropped; prompts
+   for the shortfall only are sampled until the step has its groups or `max_sampling_rounds` rounds ran.
 5. Loss: PPO's clipped surrogate per token with the range [1 - eps_low, 1 + eps_high] (DAPO clip-higher),
-   summed over response tokens and divided by the number of response tokens in the whole minibatch over
-   all ranks (token-level mean, DAPO): one denominator for every micro-batch and rank.
+   summed over response tokens and divided by one denominator for every micro-batch and rank of a
+   minibatch: its response-token count over all ranks (loss_norm="token", DAPO's token-level mean), or
+   its number of responses over all ranks times the response cap (loss_norm="constant", Dr. GRPO: Liu et
+   al. 2025, "Understanding R1-Zero-like training", arXiv 2503.20783, so a response's weight depends on
+   neither its own length nor the batch's; TRL's loss_type="dr_grpo" divides by max_completion_length).
+   Dr. GRPO is adv_norm="none" with loss_norm="constant".
 6. `ppo_epochs` passes over the rollout batch, each in `minibatches` optimizer steps, against old
    log-probs the trainer computes before the first update. 1 x 1 is strictly on-policy (OVR, ORZ).
-7. No KL term and no entropy bonus by default (OVR, ORZ); kl_coef > 0 adds the k3 estimate of
-   KL(policy || initial model) per token.
-8. Optional truncated importance sampling (tis_cap > 0): each token's loss is weighted by
-   min(p_trainer / p_engine, tis_cap) of the sampled token, for the mismatch between engine and trainer.
+7. No KL term and no entropy bonus by default (OVR, ORZ). kl_coef > 0 adds kl_coef * KL(policy || initial
+   model) per token: the k3 estimate exp(d) - d - 1 (d = ref - logp; Schulman 2020) times the ratio
+   p / p_old. k3 alone, differentiated, has the gradient of KL(ref || policy), not of KL(policy || ref)
+   (verl PR #2953); the ratio makes it (logp - ref) * dlogp, the gradient of KL(policy || ref), on and off
+   policy (DeepSeek-V3.2 report sec. 3.1; TRL's use_bias_correction_kl, TRL PR #6503).
+8. Truncated importance sampling (tis_cap > 0; Yao et al. 2025, "Your efficient RL framework secretly
+   brings you off-policy RL training"): each token's surrogate is weighted by min(p_trainer / p_engine,
+   tis_cap) of the sampled token, for the mismatch between the engine's and the trainer's numerics. The
+   ratio's mean, max and the share of tokens over the cap are logged (is_mean, is_max, is_capped).
 9. Responses that hit the length cap get reward 0 and are masked out of the loss (overlong="mask",
    DAPO) or trained on with reward 0 (overlong="zero", ORZ). The cap grows in stages (OVR 24k/32k/48k).
-10. AdamW, constant LR after a linear warm-up (or a cosine decay, min_lr_ratio < 1), grad-norm clip;
-    weights go into the engine every step.
+10. AdamW, constant LR after a linear warm-up (or a cosine decay, min_lr_ratio < 1), clip of the global
+    grad norm; a trained tensor with no gradient (the vision tower on a text-only step) gets a zero one, so
+    1 and N ranks take the same AdamW step. Weights go into the engine every step.
 
 Run (data: problems as in README's "Data formats", JSONL or parquet):
   python rl.py config/rl_demo.py                                  # CPU, tiny model, a few minutes
@@ -99,17 +112,18 @@ judge_max_tokens = 8            # reply tokens; the verdict is one word (more fo
 judge_extra = {}                # extra request fields, e.g. {"structured_outputs": {"choice": ["YES", "NO"]}} for vLLM
 judge_audit = 0.0               # share of rule-checked responses also judged, for judge/audit_agreement (reward: rules')
 # algorithm
-scale_by_std = True             # advantage / group std (GRPO); False: Dr. GRPO
+adv_norm = "group"              # "group" (/ group std: GRPO) | "batch" (whitened over the step: OVR) | "none" (Dr. GRPO)
+loss_norm = "token"             # loss denominator: "token" (response tokens: DAPO) | "constant" (responses x cap: Dr. GRPO)
 eps_low = 0.2                   # ratio clip at 1 - eps_low
 eps_high = 0.2                  # ratio clip at 1 + eps_high (DAPO's clip-higher: 0.28)
 ppo_epochs = 1                  # passes over each rollout batch
 minibatches = 1                 # optimizer steps per pass
 kl_coef = 0.0                   # k3 KL to the initial model (0: no reference model is even loaded)
-tis_cap = 0.0                   # truncated importance sampling: cap on p_trainer / p_engine (0: off)
+tis_cap = 0.0                   # truncated importance sampling: cap on p_trainer / p_engine (0: off; ~2 on GPU)
 micro_batch_tokens = 32768      # tokens per packed forward/backward; a longer sample gets its own
 # model and optim
 freeze = ""                     # comma-separated parameter-name prefixes not to train (e.g. "visual")
-dtype = "float32"               # compute dtype: "bfloat16" (GPU; fp32 master weights) or "float32"
+dtype = "auto"                  # compute: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"; weights fp32
 gradient_checkpointing = True   # recompute each decoder layer / vision block in backward
 learning_rate = 1e-6            # OVR/ORZ policy LR
 warmup_steps = 50               # linear warm-up from 0, then constant
@@ -139,31 +153,51 @@ def group_advantages(rewards, scale_by_std=True, eps=1e-6):
     return adv / (rewards.std(-1, keepdim=True) + eps) if scale_by_std else adv
 
 
+def batch_normalise(adv, sums, eps=1e-6):
+    """adv (N,) -> (adv - mean) / std, mean and population std over every response token of the step on all
+    ranks, each response weighted by its token count, as ORZ's normalize_advantages (orz/ppo/utils.py) for
+    OVR's "batch-level advantage normalisation". sums = (tokens, sum n*a, sum n*a^2), summed over ranks."""
+    n, s1, s2 = sums
+    mean = s1 / n
+    return (adv - mean) / (math.sqrt(max(s2 / n - mean * mean, 0.0)) + eps)
+
+
 def grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, denom, engine_logp=None, tis_cap=None,
-              ref_logp=None, kl_coef=0.0):
-    """Clipped surrogate, summed over the masked tokens and divided by `denom`: pass the response-token
-    count of the whole minibatch over all ranks, so micro-batch and rank losses add up to one global
-    token mean. logp/old_logp/mask (and engine_logp, ref_logp) are (B, T); advantages (B, T) or (B,).
-    Returns the loss and stats that are likewise token sums / denom (they add up the same way)."""
+              ref_logp=None, kl_coef=0.0, n_tokens=None):
+    """Clipped surrogate, summed over the masked tokens and divided by `denom`, the minibatch's denominator
+    over all ranks (its response-token count, or Dr. GRPO's responses x cap), so micro-batch and rank losses
+    add up to the minibatch's loss. logp/old_logp/mask (and engine_logp, ref_logp) are (B, T); advantages
+    (B, T) or (B,). Returns the loss and stats, token sums / n_tokens (the minibatch's response tokens over
+    all ranks; default denom) that add up the same way, and is_max, a maximum."""
     if advantages.dim() < logp.dim():
         advantages = advantages[..., None]
     mask = mask.float()
+    n_tokens = denom if n_tokens is None else n_tokens
     ratio = torch.exp(logp - old_logp)
     surr = torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
     per_token = -surr
-    if engine_logp is not None and tis_cap:
-        # TIS (Yao et al. 2025): the engine sampled from pi_engine, the trainer scores pi_old
-        per_token = per_token * torch.exp(old_logp - engine_logp).clamp(max=tis_cap).detach()
+    stats = {}
+    if engine_logp is not None:
+        # TIS (Yao et al. 2025): the engine sampled from p_engine; the trainer's p_old is the policy the loss
+        # is about, so each token is reweighted by p_old / p_engine, capped: a constant, no gradient
+        w = torch.exp(old_logp - engine_logp).detach()
+        capped = (w > tis_cap) if tis_cap else torch.zeros_like(mask, dtype=torch.bool)
+        stats.update(is_mean=(w * mask).sum() / n_tokens, is_capped=(capped * mask).sum() / n_tokens,
+                     is_max=torch.where(mask > 0, w, 0.0).max())
+        if tis_cap:
+            per_token = per_token * w.clamp(max=tis_cap)
     kl = torch.zeros_like(logp)
     if ref_logp is not None and kl_coef:
         d = ref_logp - logp
-        kl = torch.exp(d) - d - 1  # k3 (Schulman 2020): unbiased, always >= 0
+        # k3 (>= 0, unbiased for KL(p || ref) under samples of p) times p / p_old (1 on policy, differentiable):
+        # the gradient is ratio * (logp - ref) * dlogp = that of KL(p || ref) (DeepSeek-V3.2 sec. 3.1)
+        kl = ratio * (torch.exp(d) - d - 1)
         per_token = per_token + kl_coef * kl
     loss = (per_token * mask).sum() / denom
     # the clip zeroes the gradient exactly here: ratio above 1+eps_high with A > 0, below 1-eps_low with A < 0
     clipped = ((advantages > 0) & (ratio > 1 + eps_high)) | ((advantages < 0) & (ratio < 1 - eps_low))
-    stats = {"clip_frac": (clipped * mask).sum() / denom, "kl": (kl * mask).sum() / denom,
-             "ratio_mean": (ratio * mask).sum() / denom}
+    stats.update(clip_frac=(clipped * mask).sum() / n_tokens, kl=(kl * mask).sum() / n_tokens,
+                 ratio_mean=(ratio * mask).sum() / n_tokens)
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
@@ -356,7 +390,10 @@ def main():
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(seed + rank)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    # bf16 on a GPU: in fp32 SDPA falls back to its math kernel (flash refuses fp32; memory-efficient refuses GQA)
+    compute = dtype if dtype != "auto" else "bfloat16" if use_cuda else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute]
+    assert adv_norm in ("group", "batch", "none") and loss_norm in ("token", "constant"), "see --help for the choices"
     assert overlong in ("mask", "zero"), f"overlong must be 'mask' or 'zero', got {overlong!r}"
     assert not judge_url or judge_model, "judge_url is set: judge_model must name the judge's model"
     assert prompts_per_step % world == 0, f"prompts_per_step {prompts_per_step} must be a multiple of {world} ranks"
@@ -472,7 +509,8 @@ def main():
         t_step, t_gen, t_rew = time.time(), 0.0, 0.0
         seen, kept, rounds, judged = [], [], 0, {}
         while rounds < (max_sampling_rounds if dynamic_sampling else 1) and len(kept) < ppr:
-            batch = [problems[i] for i in next_mixed(ppr, data_state, sources, rank, world)]
+            # the shortfall only: kept groups stay, the surplus of a full batch would be thrown away
+            batch = [problems[i] for i in next_mixed(ppr - len(kept), data_state, sources, rank, world)]
             t = time.time()
             outs = eng.generate([ev.build_messages(p, template) for p in batch], n=group_size, temperature=temperature,
                                 top_p=top_p, max_tokens=cap, stop=stop or None,
@@ -489,20 +527,28 @@ def main():
                 if not dynamic_sampling or len(set(g["rewards"])) > 1:
                     kept.append(g)
             rounds += 1
-        kept = kept[:ppr]
         eng.sleep()
 
         # ---- 3. advantages -> training sequences, shuffled, split into minibatches of packed micro-batches
         samples = []
         for g in kept:
-            adv = group_advantages(torch.tensor([g["rewards"]]), scale_by_std)[0].tolist()
+            adv = group_advantages(torch.tensor([g["rewards"]]), adv_norm == "group")[0].tolist()
             prompt = render_chat(ev.build_messages(g["problem"], template), tokenizer, add_generation_prompt=True, **pixels)
             samples += [build_sample(prompt, c, a) for c, a in zip(g["completions"], adv)
                         if c.token_ids and not (overlong == "mask" and c.finish_reason == "length")]
+        if adv_norm == "batch":  # token-weighted mean and std of the step's advantages, all ranks
+            n_tok = [int((x["targets"] >= 0).sum()) for x in samples]
+            sums = reduce({"n": sum(n_tok), "s1": sum(n * x["adv"] for n, x in zip(n_tok, samples)),
+                           "s2": sum(n * x["adv"] ** 2 for n, x in zip(n_tok, samples))})
+            for x in samples:
+                x["adv"] = batch_normalise(x["adv"], (max(sums["n"], 1), sums["s1"], sums["s2"]))
         perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(hash((seed, step, rank)) % 2**31))
         samples = [samples[i] for i in perm.tolist()]
         plan = [pack(samples[i::minibatches], micro_batch_tokens) for i in range(minibatches)]
-        denoms = reduce({i: sum(int((s["targets"] >= 0).sum()) for s in samples[i::minibatches]) for i in range(minibatches)})
+        # per minibatch, over all ranks: its response tokens, and the loss denominator (those, or Dr. GRPO's constant)
+        n_tokens = reduce({i: sum(int((s["targets"] >= 0).sum()) for s in samples[i::minibatches]) for i in range(minibatches)})
+        denoms = n_tokens if loss_norm == "token" else \
+            reduce({i: len(samples[i::minibatches]) * cap for i in range(minibatches)})
         n_micro = reduce({i: len(p) for i, p in enumerate(plan)}, dist.ReduceOp.MAX)
         plan = [p + [None] * (int(n_micro[i]) - len(p)) for i, p in enumerate(plan)]  # None: a no-op micro-batch
         batch_of = lambda mb: dummy if mb is None else collate(mb, dev)  # noqa: E731
@@ -518,36 +564,45 @@ def main():
                         old[i, j] = forward(model, batch_of(mb))
                     if ref is not None:
                         ref_lp[i, j] = forward(ref, batch_of(mb))
-        tr = dict.fromkeys(["loss", "clip_frac", "kl", "ratio_mean", "entropy", "logp_gap", "grad_norm"], 0.0)
+        tr = dict.fromkeys(["loss", "clip_frac", "kl", "ratio_mean", "entropy", "logp_gap", "grad_norm", "is_mean",
+                            "is_capped"], 0.0)
+        is_max = 0.0
         n_updates = ppo_epochs * minibatches
         for epoch in range(ppo_epochs):
             for i, p in enumerate(plan):
-                if denoms[i] == 0:  # every response of this minibatch was masked, on all ranks
+                if n_tokens[i] == 0:  # every response of this minibatch was masked, on all ranks
                     continue
                 for j, mb in enumerate(p):
                     b = batch_of(mb)
                     logp, ent = forward(model, b, entropy=True) if epoch == 0 else (forward(model, b), None)
                     old_lp = old.get((i, j), logp.detach())
                     loss, st = grpo_loss(logp, old_lp, b["adv"], b["mask"], eps_low, eps_high, denoms[i],
-                                         b["engine_logp"], tis_cap, ref_lp.get((i, j)), kl_coef)
+                                         b["engine_logp"], tis_cap, ref_lp.get((i, j)), kl_coef, n_tokens[i])
                     loss.backward()
+                    is_max = max(is_max, st.pop("is_max").item())
                     for k, v in {**st, "loss": loss.detach()}.items():
                         tr[k] += v.item() / n_updates
                     if ent is not None:  # first epoch: the policy that sampled (up to engine/trainer differences)
-                        tr["entropy"] += (ent * b["mask"]).sum().item() / denoms[i] / minibatches
-                        tr["logp_gap"] += ((old_lp - b["engine_logp"]).abs() * b["mask"]).sum().item() / denoms[i] / minibatches
-                grads = [q.grad for q in params if q.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads)
-                norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-                if not math.isfinite(norm):
-                    raise SystemExit(f"step {step}: grad norm {norm}; stopping without updating. Last checkpoint: {latest}")
-                if grad_clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
+                        tr["entropy"] += (ent * b["mask"]).sum().item() / n_tokens[i] / minibatches
+                        gap = ((old_lp - b["engine_logp"]).abs() * b["mask"]).sum().item()
+                        tr["logp_gap"] += gap / n_tokens[i] / minibatches
+                # a trained tensor the loss did not reach (the vision tower on a text-only step) gets a zero gradient
+                # and so its AdamW step, as FSDP's reduce-scatter gives it: the same update on 1 and N ranks
+                for q in params:
+                    if q.grad is None:
+                        q.grad = torch.zeros_like(q)
+                norm = torch.nn.utils.get_total_norm([q.grad for q in params])  # the global L2 norm before the clip
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP: all-reduced
+                if not math.isfinite(norm.item()):
+                    raise SystemExit(f"step {step}: grad norm {norm.item()}; stopping without updating. "
+                                     f"Last checkpoint: {latest}")
+                if grad_clip > 0:  # takes the parameters (it scales their .grad), not the gradients
+                    torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                tr["grad_norm"] += norm / n_updates / world  # the same on every rank; summed over ranks below
+                tr["grad_norm"] += norm.item() / n_updates / world  # the same on every rank; summed over ranks below
         t_train = time.time() - t
 
         # ---- 5. the new weights into the engine
@@ -565,7 +620,8 @@ def main():
                     "rounds": rounds, "n_adv": len(advs), "adv": sum(advs), "adv2": sum(a * a for a in advs)}
                    | {f"behaviour/{b}": sum(x[b] > 0 for x in beh) for b in ev.BEHAVIOURS} | tr)
         mx = reduce({"len_max": max((len(c.token_ids) for c, _, _ in resp), default=0), "time_gen": t_gen,
-                     "adv_max": max(advs, default=0.0), "adv_min": -min(advs, default=0.0), "time_reward": t_rew},
+                     "adv_max": max(advs, default=0.0), "adv_min": -min(advs, default=0.0), "time_reward": t_rew,
+                     "is_max": is_max},
                     dist.ReduceOp.MAX)
         n, na = max(s["n"], 1), max(s["n_adv"], 1)
         if judge_url:  # judge/*: share of responses judged, latency, calls without a verdict and why, audit
@@ -584,7 +640,8 @@ def main():
                           "judge/audit_agreement": js["audit_agree"] / js["audited"] if js["audited"] else None})
         m.update(lr=lr_at(step), max_tokens=cap, reward_mean=s["reward"] / n, accuracy=s["correct"] / n,
                  response_len_mean=s["len"] / n, response_len_max=mx["len_max"], truncated=s["trunc"] / n,
-                 **{k: s[k] for k in tr}, adv_mean=s["adv"] / na, adv_max=mx["adv_max"], adv_min=-mx["adv_min"],
+                 **{k: s[k] for k in tr}, is_max=mx["is_max"], adv_mean=s["adv"] / na, adv_max=mx["adv_max"],
+                 adv_min=-mx["adv_min"],
                  adv_std=math.sqrt(max(s["adv2"] / na - (s["adv"] / na) ** 2, 0)), groups_kept=int(s["kept"]),
                  groups_var_frac=s["var"] / max(s["seen"], 1), sampling_rounds=s["rounds"] / world,
                  time_gen=mx["time_gen"], time_reward=mx["time_reward"], time_train=t_train, time_sync=t_sync,

@@ -54,7 +54,7 @@ min_pixels = 0                  # image resize bounds in pixels (0: from init_fr
 max_pixels = 0
 # model
 freeze = "visual"               # comma-separated parameter-name prefixes to freeze (OVR: the vision tower); "" trains all
-dtype = "float32"               # compute dtype: "bfloat16" (GPU; fp32 master weights and fp32 grad reduction) or "float32"
+dtype = "auto"                  # compute: "auto" (bfloat16 on GPU, float32 on CPU) | "bfloat16" | "float32"; weights fp32
 gradient_checkpointing = True   # recompute each decoder layer / vision block in backward
 # optim
 epochs = 1                      # passes over the data (each epoch reshuffles and repacks)
@@ -357,7 +357,9 @@ def main():
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(seed)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    # bf16 on a GPU: in fp32 SDPA falls back to its math kernel (flash refuses fp32; memory-efficient refuses GQA)
+    compute = dtype if dtype != "auto" else "bfloat16" if use_cuda else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute]
     assert overlong in ("drop", "truncate") and lr_schedule in ("cosine", "constant"), "see --help for the choices"
     assert batch_size % (micro_batch_size * world) == 0, \
         f"batch_size {batch_size} must be a multiple of micro_batch_size {micro_batch_size} x world size {world}"
@@ -482,15 +484,14 @@ def main():
         for p in params:  # a trained tensor that got no gradient (e.g. the vision tower, text-only step)
             if p.grad is None:  # still takes its AdamW step, as it does under FSDP: same update on 1 or N ranks
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # the global L2 norm, before the clip
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP: all-reduced
         loss_val, norm_val = loss_sum.item(), norm.item()
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
             raise SystemExit(f"step {step + 1}: loss {loss_val}, grad norm {norm_val}; stopping without updating. "
                              f"Last good checkpoint: {latest or 'none'}")
-        if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
+        if grad_clip > 0:  # takes the parameters (it scales their .grad), not the gradients
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, row = step + 1, row + batch_size

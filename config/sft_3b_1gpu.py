@@ -16,6 +16,8 @@ min_lr_ratio = 0.1
 grad_clip = 1.0
 freeze = "visual"            # OVR: LLM only
 dtype = "bfloat16"
+min_pixels = 56 * 56
+max_pixels = 1280 * 28 * 28  # <= 1,280 image tokens per image, as config/rl_3b_1gpu.py
 gradient_checkpointing = True
 save_every = 100
 keep_last = 2

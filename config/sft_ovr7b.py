@@ -1,4 +1,4 @@
-# The OVR cold-start recipe (shared/notes/ovr_recipe.md §1.2) for Qwen2.5-VL-7B-Instruct:
+# The OVR cold-start recipe (Wei et al. 2025, arXiv 2507.05255, sec. 4.1) for Qwen2.5-VL-7B-Instruct:
 # ~2M language-only R1 traces, 5 epochs, LR 2e-4, batch 640 packed 64k-token rows (~40M tokens/step),
 # vision tower frozen. The packing reading of "batch 640" and the schedule details are inferred.
 #   torchrun --nproc_per_node=8 sft.py config/sft_ovr7b.py                       (one node)
@@ -20,6 +20,8 @@ weight_decay = 0.0           # [inferred]
 grad_clip = 1.0
 freeze = "visual"            # LLM only [stated]
 dtype = "bfloat16"           # bf16 compute, fp32 master weights and gradient reduction
+min_pixels = 56 * 56         # the official preprocessor_config.json (OVR's cold-start data is text-only;
+max_pixels = 16384 * 28 * 28 # these matter for image traces): up to 16,384 image tokens per image
 gradient_checkpointing = True
 save_every = 50              # ~19 checkpoints; each has an hf/ export for evaluating the cold start over time
 keep_last = 3
