@@ -48,7 +48,7 @@ gpu_memory_utilization = 0.9  # vllm only: share of the GPU vLLM may take (nothi
 data_dir = "data/eval"      # folder of the benchmark files
 benchmarks = "math500,mathvision,mathvision_mini,mathverse_vision_only"  # comma-separated names
 limit = 0                   # only the first N problems of each benchmark (0 = all); for smoke runs
-# decoding. OVR publishes none; these follow ORZ (avg@16 at T=1.0), see shared/notes/ovr_recipe.md §1.5
+# decoding. OVR publishes none; these follow ORZ (avg@16 at T=1.0, ORZ paper arXiv 2503.24290 §3.1)
 template = "ovr"            # a name in TEMPLATES, or a literal prompt with {question} (and {choices})
 temperature = 1.0           # sampling temperature (ORZ and OVR's RL use 1.0)
 top_p = 1.0                 # nucleus sampling; 1.0 = off
@@ -64,18 +64,19 @@ judge_benchmarks = "mathvision_mini"  # comma-separated; OVR's behaviour numbers
 # -----------------------------------------------------------------------------
 
 TEMPLATES = {
-    # OVR's prompt is unpublished (ovr_recipe.md §1.3); its traces are "<think> ... </think> summary" and
+    # OVR's prompt is unpublished (OVR paper arXiv 2507.05255 §3.2 gives none); its traces are "<think> ... </think> summary" and
     # its reward reads \boxed{}, so we ask for exactly that.
     "ovr": "{question}{choices}\n\nThink step by step inside <think> </think>, then put the final answer in \\boxed{}.",
-    # ORZ's instruction (ovr_recipe.md §2.1), paraphrased, as a user turn of the chat template.
+    # ORZ's instruction (ORZ paper Table 1, playground/zero_setting_base.py), paraphrased, as a user turn of the chat template.
     "orz": "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
            "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning is "
            "enclosed in <think> </think> and the answer in <answer> </answer>, with the final answer inside "
            "\\boxed{}.\nThis is the problem:\n{question}{choices}",
 }
 LETTERS = "ABCDEFGHIJ"
-# Published numbers, in percent (OVR paper Tables 2 and 3, copied in ovr_recipe.md §1.6). MathVision is
-# the full 3,040-problem test set and MathVerse the testmini Vision-Only split (§1.5).
+# Published numbers, in percent (OVR paper Tables 2 and 3). MathVision is most likely the full 3,040-problem
+# test set and MathVerse the testmini Vision-Only split: OVR's Qwen2.5-VL-7B numbers equal the OpenCompass
+# multimodal-reasoning leaderboard's (VLMEvalKit), which uses those splits.
 REFERENCE = {
     "Qwen2.5-VL-7B": {"math500": 67.4, "mathvision": 25.5, "mathverse_vision_only": 41.1},
     "OVR-7B": {"math500": 95.3, "mathvision": 51.8, "mathverse_vision_only": 54.6},
@@ -205,7 +206,8 @@ def behaviour_rates(counts):
 
 
 # Definitions for the judge, written from OVR Table 1 and Gandhi et al.'s classifier prompts (only OVR's
-# backtracking prompt is published, ovr_recipe.md §1.4).
+# backtracking prompt is published, OVR paper App. C.2; Gandhi et al.'s prompts are in kanishkg/cognitive-behaviors,
+# behavioral_evals/api_eval.py).
 JUDGE_DEFINITIONS = {
     "backtracking": "the model realises that a path, calculation or assumption is wrong or unproductive and explicitly "
                     "switches to a different approach (e.g. 'That led to a dead end. Let's try subtracting instead.')",

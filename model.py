@@ -9,7 +9,9 @@ in the official Hugging Face layout (so transformers and vLLM load what we write
     python model.py tiny out/tiny                            # a tiny random model + tokenizer, offline
 
 The module tree mirrors the official checkpoint names (`model.layers.*`, `visual.*`, `lm_head.*`),
-so `state_dict()` is the checkpoint. Facts and shapes: shared/notes/qwen25vl.md.
+so `state_dict()` is the checkpoint. Facts and shapes: transformers' models/qwen2_5_vl/modeling_qwen2_5_vl.py
+and processing_qwen2_5_vl.py, vLLM's model_executor/models/qwen2_5_vl.py, and the config.json,
+preprocessor_config.json and chat_template.json of Qwen/Qwen2.5-VL-7B-Instruct on the Hugging Face Hub.
 """
 
 import ast

@@ -1,6 +1,7 @@
 """
 Verifications per second and agreement with the expected verdict: reward.is_equiv vs HF math-verify,
-side by side on the same pairs built from MATH500 answers (shared/data/math500.jsonl):
+side by side on the same pairs built from MATH500 answers (the 500 rows of PRM800K's test split:
+github.com/openai/prm800k prm800k/math_splits/test.jsonl, or data/eval/math500.jsonl from data/prepare_eval.py):
   - positive: gold vs an equivalent rewriting of it (expected True),
   - negative: gold vs another problem's answer (expected False).
 Both verifiers read the same prediction, a short response ending "... the final answer is $\\boxed{...}$.";
@@ -10,6 +11,7 @@ math-verify lives in its own venv, not in requirements.txt:
     python -m venv /tmp/mv-venv && /tmp/mv-venv/bin/pip install 'math-verify[antlr4_13_2]'
     /tmp/mv-venv/bin/python bench/bench_reward.py      # both verifiers
     python bench/bench_reward.py                       # reward.py only, when math_verify is not importable
+(the data: data/eval/math500.jsonl, or the path given as the first argument)
 Timing: one pass over all pairs in this process, caches cleared first ("cold"; golds repeat, so gold
 parses are reused as in RL), then a second pass for reward.py ("warm").
 """
@@ -23,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reward  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "math500.jsonl")
+DATA = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "data", "eval", "math500.jsonl")
 if not os.path.exists(DATA):
-    DATA = "/work/shared/data/math500.jsonl"
+    sys.exit(f"{DATA} not found: pass MATH500's test.jsonl (python bench/bench_reward.py PATH) or run data/prepare_eval.py")
 
 
 def rewrite(gold, k):

@@ -1,4 +1,4 @@
-# The OVR multimodal RL recipe (shared/notes/ovr_recipe.md §1.3) on one node of 8 GPUs, with GRPO in place
+# The OVR multimodal RL recipe (OVR paper arXiv 2507.05255 §3.2, §4.1) on one node of 8 GPUs, with GRPO in place
 # of OVR's PPO + critic. 512 prompts x 16 samples, temperature 1.0, LR 1e-6 constant after 50 warm-up steps,
 # no KL, clip 0.2, binary reward, 0 for truncated responses, response cap 24k -> 32k (step 300) -> 48k (step 700).
 #   torchrun --standalone --nproc_per_node=8 rl.py config/rl_ovr7b.py

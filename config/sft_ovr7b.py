@@ -1,4 +1,4 @@
-# The OVR cold-start recipe (shared/notes/ovr_recipe.md §1.2) for Qwen2.5-VL-7B-Instruct:
+# The OVR cold-start recipe (OVR paper arXiv 2507.05255 §3.3, §4.1) for Qwen2.5-VL-7B-Instruct:
 # ~2M language-only R1 traces, 5 epochs, LR 2e-4, batch 640 packed 64k-token rows (~40M tokens/step),
 # vision tower frozen. The packing reading of "batch 640" and the schedule details are inferred.
 #   torchrun --nproc_per_node=8 sft.py config/sft_ovr7b.py                       (one node)

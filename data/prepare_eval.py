@@ -2,7 +2,7 @@
 Convert the public benchmark releases into the one problem format eval.py reads (README, "Data formats"):
   {"id", "question", "answer", "images": [paths relative to the output file], "choices", "subject", "level", "source"}
 
-Download first (nothing here ships with the repo; the answer keys in ../shared/data are copies of these files):
+Download first (nothing here ships with the repo except the few rows in tests/data/ the tests use):
   MATH500     github.com/openai/prm800k: prm800k/math_splits/test.jsonl (500 problems, text only)
   MathVision  github.com/mathllm/MATH-V: data/test.jsonl (3,040) and data/testmini.jsonl (304); the images
               (images.zip, from the repo or the HF dataset MathLLMs/MathVision) unzipped to data/images/

@@ -15,7 +15,7 @@ import pytest
 import eval as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data")
+DATA = os.path.join(ROOT, "tests", "data")  # the first rows of the public answer keys (tests/data/README.md)
 sys.path.insert(0, os.path.join(ROOT, "data"))
 import prepare_eval  # noqa: E402
 
@@ -227,15 +227,15 @@ def test_markdown_table_and_plot_cli(tmp_path):
 
 
 def test_converters_on_answer_keys():
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "math500.jsonl"))[:2]
+    rows = prepare_eval.read_rows(os.path.join(DATA, "math500.jsonl"))[:2]
     [p, _] = prepare_eval.convert_math500(rows)
     assert p == {"id": "test/precalculus/807.json", "question": rows[0]["problem"], "answer": rows[0]["answer"],
                  "images": [], "subject": "Precalculus", "level": 2, "source": "MATH500"}
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "mathvision_test.jsonl"))[:3]
+    rows = prepare_eval.read_rows(os.path.join(DATA, "mathvision_test.jsonl"))[:3]
     free, mc, _ = prepare_eval.convert_mathvision(rows, "../MATH-V/data")
     assert free["images"] == ["../MATH-V/data/images/1.jpg"] and "choices" not in free and free["answer"] == "60"
     assert mc["choices"] == list("ABCDE") and mc["answer"] == "A" and mc["level"] == 2
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "mathverse_testmini_text_only.jsonl"))[:3]
+    rows = prepare_eval.read_rows(os.path.join(DATA, "mathverse_testmini_text_only.jsonl"))[:3]
     rows.append(dict(rows[0], problem_version="Vision Only", question="", image="images_version_6/image_1.png"))
     out = prepare_eval.convert_mathverse(rows, "../MathVerse")
     p = out["text_only"][0]
@@ -251,7 +251,7 @@ def test_converted_problem_runs_through_eval(tmp_path):
     # converter output -> load_problems -> build_messages: the image path resolves against the JSONL folder
     (tmp_path / "MATH-V" / "images").mkdir(parents=True)
     (tmp_path / "MATH-V" / "images" / "2.jpg").write_bytes(b"")
-    rows = prepare_eval.read_rows(os.path.join(SHARED, "mathvision_test.jsonl"))[1:2]
+    rows = prepare_eval.read_rows(os.path.join(DATA, "mathvision_test.jsonl"))[1:2]
     prepare_eval.write_jsonl(prepare_eval.convert_mathvision(rows, "../MATH-V"), str(tmp_path / "eval" / "mv.jsonl"))
     [p] = ev.load_problems(str(tmp_path / "eval" / "mv.jsonl"))
     content = ev.build_messages(p, "ovr")[0]["content"]
