@@ -105,8 +105,48 @@ def load_problems(path):
                 if not os.path.exists(im):
                     raise FileNotFoundError(f"{path}:{i}: image {im} not found; download the benchmark's "
                                             "images next to the JSONL (see data/prepare_eval.py)")
+                try:  # opened and decoded here, so a bad file stops the run before sampling, not halfway through
+                    from model import checked_image  # (model imports torch: not needed by `eval.py table`)
+                    checked_image(im, max_pixels=2**62)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{i}: problem {p['id']}: {e}; replace the file (see data/prepare_eval.py)") from None
             problems.append(p)
     return problems
+
+
+def file_fingerprint(paths):
+    """sha256 of the bytes of these files, in order (a benchmark: its JSONL and images; a model: its files).
+    ~1.5 GB/s: a few seconds for a 7B checkpoint, next to the minutes it takes to load."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+# settings that change no sample and no score; every other key does, and a resume must match it. model and
+# data_dir are compared by the content of their files instead (a moved checkpoint still resumes)
+NOT_RESULT_KEYS = ("model", "out_dir", "data_dir", "benchmarks", "limit", "gpu_memory_utilization", "pass_k",
+                   "judge_url", "judge_benchmarks")
+
+
+def resume_mismatch(old, config, fingerprints, done):
+    """What differs between the run that wrote out_dir (its config.json) and this one, for the benchmarks with
+    results on disk (`done`): the settings that determine a sample or its score, the model's files, and each
+    benchmark's data (JSONL and images). Empty when resuming is safe."""
+    new = json.loads(json.dumps(config))
+    why = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in NOT_RESULT_KEYS and old.get(k) != v]
+    old_fp = old.get("fingerprints", {})
+    if old_fp.get("model") != fingerprints["model"]:
+        why.append(f"the model's files ({config['model']}) differ" if old_fp.get("model") else "no record of the model's files")
+    for name in done:
+        was = old_fp.get("data", {}).get(name)
+        if was != fingerprints["data"][name]:
+            why.append(f"the {name} data (JSONL or images) differ" if was else f"no record of the {name} data")
+    return why
 
 
 def build_messages(problem, template="ovr"):
@@ -432,23 +472,48 @@ if __name__ == "__main__":
     import torch
     from model import QwenVL, QwenVLConfig, configure, load_tokenizer
     from rollout import make_engine
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print("reports: python eval.py table OUT_DIR [OUT_DIR ...]   (a Markdown table of summary.json scores)\n"
+              "         python eval.py plot RUN_DIR [RUN_DIR ...]    (training curves from metrics.jsonl -> RUN_DIR/curves.png)")
     config = configure(globals(), sys.argv[1:])  # the resolved settings, saved next to the scores
+    if dtype not in ("bfloat16", "float32"):
+        sys.exit(f"config error: dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        sys.exit(f"model={model!r} is not a model directory (no config.json): give a checkpoint in HF layout (sft.py and "
+                 "rl.py write out_dir/hf)")
     name = os.path.normpath(model)
     name = os.path.basename(os.path.dirname(name) if os.path.basename(name) == "hf" else name)  # .../run/hf -> run
     out_dir = out_dir or os.path.join("out", "eval_" + name)
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=2))
-    # a resume with other decoding settings would mix two experiments in one file
+    # every benchmark is read (and its images decoded) before anything is sampled: bad data stops the run here
+    data = {}
+    for name in [b for b in benchmarks.split(",") if b]:
+        path = os.path.join(data_dir, name + ".jsonl")
+        if not os.path.exists(path):
+            sys.exit(f"{path} not found: prepare it with data/prepare_eval.py, or leave {name} out of --benchmarks")
+        try:
+            problems = load_problems(path)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(str(e))
+        images = sorted({im for p in problems for im in p["images"]})
+        data[name] = (problems[: limit or None], file_fingerprint([path] + images))
+    # resuming reuses every sample on disk: refuse unless everything that determines a sample or its score is
+    # the same (settings, the model's files, each benchmark's data), and say what differs
     settings = os.path.join(out_dir, "config.json")
+    weights = sorted(os.path.join(model, f) for f in os.listdir(model) if os.path.isfile(os.path.join(model, f)))
+    fingerprints = {"model": file_fingerprint(weights), "data": {n: h for n, (_, h) in data.items()}}
     if os.path.exists(settings):
         with open(settings) as f:
             old = json.load(f)
-        changed = [k for k in ("model", "template", "temperature", "top_p", "max_tokens", "n")
-                   if old.get(k) != config[k]]
-        if changed:
-            sys.exit(f"{out_dir} holds a run with other {changed}; pass another --out_dir or delete it to start over")
+        done = [n for n in data if os.path.exists(os.path.join(out_dir, n + ".jsonl"))]
+        why = resume_mismatch(old, config, fingerprints, done)
+        if why:
+            sys.exit(f"{out_dir} holds samples of another run ({'; '.join(why)}); resuming would report them as this "
+                     f"run's. Pass another --out_dir, or delete {out_dir} to start over.")
+        fingerprints["data"] = {**old.get("fingerprints", {}).get("data", {}), **fingerprints["data"]}
     with open(settings, "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump({**config, "fingerprints": fingerprints}, f, indent=2)
 
     tokenizer = load_tokenizer(model)
     if engine == "torch":
@@ -465,8 +530,7 @@ if __name__ == "__main__":
         with open(summary_path) as f:
             results = json.load(f)["benchmarks"]
     ks = [int(k) for k in pass_k.split(",") if k]
-    for name in [b for b in benchmarks.split(",") if b]:
-        problems = load_problems(os.path.join(data_dir, name + ".jsonl"))[: limit or None]
+    for name, (problems, _) in data.items():
         judge = None
         if judge_url and name in judge_benchmarks.split(","):
             judge = functools.partial(judge_behaviours, url=judge_url, model=judge_model)

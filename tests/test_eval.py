@@ -205,7 +205,11 @@ def test_load_problems_errors_name_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"b\.jsonl:1: image .*img/a\.png not found"):
         ev.load_problems(str(path))
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a.png").write_bytes(b"")
+    (tmp_path / "img" / "a.png").write_bytes(b"")  # there, but not an image
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: problem a: image .*img/a\.png cannot be used"):
+        ev.load_problems(str(path))
+    from PIL import Image
+    Image.new("RGB", (30, 20)).save(tmp_path / "img" / "a.png")
     [p] = ev.load_problems(str(path))
     assert p["images"] == [str(tmp_path / "img" / "a.png")] and p["answer"] == "1"
 
@@ -250,7 +254,8 @@ def test_converters_on_answer_keys():
 def test_converted_problem_runs_through_eval(tmp_path):
     # converter output -> load_problems -> build_messages: the image path resolves against the JSONL folder
     (tmp_path / "MATH-V" / "images").mkdir(parents=True)
-    (tmp_path / "MATH-V" / "images" / "2.jpg").write_bytes(b"")
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "MATH-V" / "images" / "2.jpg")
     rows = prepare_eval.read_rows(os.path.join(DATA, "mathvision_test.jsonl"))[1:2]
     prepare_eval.write_jsonl(prepare_eval.convert_mathvision(rows, "../MATH-V"), str(tmp_path / "eval" / "mv.jsonl"))
     [p] = ev.load_problems(str(tmp_path / "eval" / "mv.jsonl"))
