@@ -1490,9 +1490,24 @@ def build_tiny(out_dir, seed=0, corpus=None, vocab_size=1024, min_pixels=56 * 56
 
 if __name__ == "__main__":
     # python model.py tiny OUT_DIR [--hidden_size=128 --num_hidden_layers=4 ...]
-    if len(sys.argv) < 3 or sys.argv[1] != "tiny":
-        sys.exit("usage: python model.py tiny OUT_DIR [--key=value ...]  (keys: build_tiny / tiny_config_dict arguments)")
-    kw = {k.lstrip("-"): ast.literal_eval(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+    import inspect
+    keys = {k: p.default for f in (tiny_config_dict, build_tiny) for k, p in inspect.signature(f).parameters.items()
+            if p.default is not inspect.Parameter.empty and k != "corpus"}  # build_tiny's vocab_size wins
+    wants_help = "--help" in sys.argv or "-h" in sys.argv
+    if wants_help or len(sys.argv) < 3 or sys.argv[1] != "tiny":
+        print("usage: python model.py tiny OUT_DIR [--key=value ...]   (a tiny random Qwen2.5-VL + tokenizer, offline)\n")
+        for k, v in keys.items():
+            print(f"  --{k} = {v!r}")
+        sys.exit(0 if wants_help else 1)
+    kw = {}
+    for arg in sys.argv[3:]:
+        k, _, v = arg.lstrip("-").partition("=")
+        if k not in keys:
+            raise _unknown(k, keys, arg)
+        try:
+            kw[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            sys.exit(f"config error ({arg}): {k} must be a Python literal like its default {keys[k]!r}")
     path = build_tiny(sys.argv[2], **kw)
     n = sum(p.numel() for p in QwenVL.from_pretrained(path).parameters())
     print(f"wrote a tiny random Qwen2.5-VL ({n / 1e3:.0f}k parameters) and its tokenizer to {path}")
