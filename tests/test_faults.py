@@ -132,6 +132,7 @@ def eval_args(model_dir, data_dir, out, *extra):
             "--benchmarks=bench", f"--out_dir={out}", "--n=2", "--max_tokens=4", "--pass_k=1", *extra]
 
 
+@pytest.mark.slow
 def test_eval_resume_refuses_other_seed_or_data_and_keeps_its_config(tiny_model_dir, tmp_path):
     for d, answer in (("data", "2"), ("other", "3")):  # same benchmark name and ids, other gold answers
         (tmp_path / d).mkdir()
@@ -270,9 +271,10 @@ def test_checkpoint_problem_finds_truncated_and_same_size_overwritten_files(tiny
     assert f"__0_0.distcp has 1000 bytes, the manifest says {len(data)}" in M.checkpoint_problem(path)
 
 
+@pytest.mark.slow
 def test_sft_resume_falls_back_from_a_truncated_checkpoint(tiny_model_dir, tmp_path):
     data = write_data(str(tmp_path), n=24)
-    kw = dict(batch_size=2, save_every=2, export_every_save=False, keep_last=2)
+    kw = dict(batch_size=2, save_every=2, export_every_save=False, keep_last=2, lr_schedule="constant")  # LR not tied to max_steps
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     run_sft(base_args(tiny_model_dir, data, ref, max_steps=6, **kw))
     run_sft(base_args(tiny_model_dir, data, out, max_steps=4, **kw))  # step_000002 and step_000004
@@ -294,6 +296,7 @@ def test_sft_resume_falls_back_from_a_truncated_checkpoint(tiny_model_dir, tmp_p
 # ---- 9. resuming with other data or settings
 
 
+@pytest.mark.slow
 def test_sft_resume_refuses_other_data_and_warns_about_other_settings(tiny_model_dir, tmp_path):
     data, out = write_data(str(tmp_path), n=24), str(tmp_path / "out")
     other = write_data(str(tmp_path), n=24, seed=1, name="other.jsonl")
@@ -304,7 +307,7 @@ def test_sft_resume_refuses_other_data_and_warns_about_other_settings(tiny_model
     assert f"cannot resume from {out}/ckpt/step_000002: the data packs differently" in r.stderr
     assert f"data_path '{data}' -> '{other}'" in r.stderr and steps_in(out) == [1, 2]
     r = run_sft(base_args(tiny_model_dir, data, out, max_steps=4, resume=True, **dict(kw, learning_rate=5e-4)))
-    assert "resuming with changed settings: learning_rate 0.001 -> 0.0005, max_steps 2 -> 4" in r.stderr
+    assert "resuming with changed settings: " in r.stderr and "learning_rate 0.001 -> 0.0005" in r.stderr
     assert steps_in(out) == [1, 2, 3, 4]
 
 
