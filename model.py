@@ -932,6 +932,9 @@ def resumable_checkpoint(ckpt_dir):
         bad = []
         for path in candidates:
             problem = checkpoint_problem(path)
+            if problem == "no manifest.json":  # written before manifests existed: complete (renamed), not checkable
+                print(f"WARNING: {path} has no manifest.json; resuming from it unverified", file=sys.stderr)
+                problem = None
             if problem is None:
                 answer = [path]
                 break

@@ -252,6 +252,13 @@ def test_rl_blow_up_stops_and_names_the_last_good_checkpoint(toy, tmp_path):  # 
     assert "step 5: sampled-token NLL" in r.stderr and f"Last good checkpoint: {out}/ckpt/step_000004" in r.stderr
     assert M.latest_checkpoint(str(out / "ckpt")) == str(out / "ckpt" / "step_000004")
     assert steps_in(out) == [0, 1, 2, 3, 4]
+    # item 9: other problems (same count, other answers) would put each rank's seeded position elsewhere
+    other = tmp_path / "other.jsonl"
+    other.write_text((toy / "toy.jsonl").read_text().replace('"answer": "3"', '"answer": "4"'))
+    Image.new("RGB", (56, 84), (200, 30, 30)).save(tmp_path / "red.png")
+    r = run(base + ["--num_steps=8", f"--data_path={other}", "--resume=True"])
+    assert r.returncode == 1 and no_traceback(r), r.stderr[-2000:]
+    assert f"cannot resume from {out}/ckpt/step_000004: the problems differ" in r.stderr
 
 
 # ---- 7. a corrupt checkpoint: found by its manifest, the newest intact one is used
