@@ -1129,7 +1129,15 @@ def checked_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, factor=28
     already resized to the size preprocess_image gives it. preprocess_image then resizes that copy to its own
     size, which PIL does as a plain copy: the same pixels, bit for bit, without decoding the big file again at
     every step (a 12000x12000 PNG is ~430 MB of RGB and seconds of decode)."""
-    if isinstance(image, Image.Image):
+    if isinstance(image, Image.Image):  # e.g. parquet bytes, opened lazily: decode a throwaway copy of them
+        fp = getattr(image, "fp", None)
+        if hasattr(fp, "getvalue"):
+            from io import BytesIO
+            try:
+                with Image.open(BytesIO(fp.getvalue())) as im:
+                    im.load()
+            except Exception as e:
+                raise ValueError(f"embedded {image.format} image cannot be used: {type(e).__name__}: {e}") from None
         return image
     path = os.fspath(image)
     if not os.path.isfile(path):
