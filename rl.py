@@ -230,7 +230,7 @@ def check_images(problems, pixels, cache_dir, rank, world):
                         small.save(small_path + f".tmp{rank}.png")
                         os.replace(small_path + f".tmp{rank}.png", small_path)
                     small = small_path
-                images.append(small if isinstance(small, str) else im)
+                images.append(small if isinstance(small, str) and small != im else None)  # None: keep (no pickling)
             mine[i] = images
         except ValueError as e:
             mine[i] = f"{p['where']} (problem id {p['id']}): {e}"
@@ -240,7 +240,8 @@ def check_images(problems, pixels, cache_dir, rank, world):
         dist.all_gather_object(parts, mine)
     result = {i: r for part in parts for i, r in part.items()}
     bad = [result[i] for i in range(len(problems)) if isinstance(result[i], str)]
-    kept = [dict(p, images=result[i]) for i, p in enumerate(problems) if not isinstance(result[i], str)]
+    kept = [dict(p, images=[new or im for new, im in zip(result[i], p["images"])])
+            for i, p in enumerate(problems) if not isinstance(result[i], str)]
     return kept, bad
 
 
