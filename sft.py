@@ -417,7 +417,7 @@ def main():
     history = [trim_jsonl(metrics_path, step + 1) if master else None]
     if ddp:
         dist.broadcast_object_list(history, src=0)
-    losses, norms = [r["loss"] for r in history[0]], [r["grad_norm"] for r in history[0]]
+    losses, norms = [r["loss"] for r in history[0]], [r["grad_norm"] for r in history[0] if r["grad_norm"] > 0]
     if master and wandb_project:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
@@ -473,7 +473,8 @@ def main():
         if saved_at == step:  # the weights saved at the top of this step gave a normal loss: a good checkpoint
             mark_good(latest)
         losses.append(loss_val)
-        norms.append(norm_val)
+        if norm_val > 0:  # (a median of 0 would make any later norm a blow-up)
+            norms.append(norm_val)
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
         optimizer.step()
