@@ -844,8 +844,9 @@ def trim_jsonl(path, step):
         try:
             r = json.loads(line)
             s = r["step"]
-            assert isinstance(s, int)
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            if type(s) is not int:
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
             if i == last:
                 print(f"{path}:{i + 1}: dropping a torn last line (a run killed mid-write): {line[:60]!r}")
                 continue
