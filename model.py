@@ -832,10 +832,10 @@ def trim_jsonl(path, step):
     Every line is checked before anything is written, and the file is replaced atomically (tmp + rename),
     so a kill here loses nothing. A torn last line (a run killed mid-write) is dropped with a message; a
     bad line anywhere else stops the run with the file untouched. Returns the kept records."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = []  # a fresh run starts with an empty file
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     kept, text = [], []
     for i, line in enumerate(lines):
