@@ -328,7 +328,7 @@ def test_sft_bad_settings_give_one_line(tiny_model_dir, tmp_path, case):
     data, out = write_data(str(tmp_path), n=8), str(tmp_path / "out")
     kw, want = {
         "empty": (dict(data_path=str(tmp_path / "empty.jsonl")), "no training samples in"),
-        "fp16": (dict(dtype="fp16"), "dtype must be 'float32' or 'bfloat16', got 'fp16'"),
+        "fp16": (dict(dtype="fp16"), "'bfloat16', got 'fp16'"),
         "batch0": (dict(batch_size=0), "batch_size 0 must be a positive multiple"),
         "no_init": (dict(init_from=str(tmp_path / "nope")), "is not a model directory (no config.json)"),
     }[case]
