@@ -48,7 +48,7 @@ gpu_memory_utilization = 0.9  # vllm only: share of the GPU vLLM may take (nothi
 data_dir = "data/eval"      # folder of the benchmark files
 benchmarks = "math500,mathvision,mathvision_mini,mathverse_vision_only"  # comma-separated names
 limit = 0                   # only the first N problems of each benchmark (0 = all); for smoke runs
-# decoding. OVR publishes none; these follow ORZ (avg@16 at T=1.0), see shared/notes/ovr_recipe.md §1.5
+# decoding. OVR publishes none; these follow ORZ (avg@16 at T=1.0, ORZ paper arXiv 2503.24290 §3.1)
 template = "ovr"            # a name in TEMPLATES, or a literal prompt with {question} (and {choices})
 temperature = 1.0           # sampling temperature (ORZ and OVR's RL use 1.0)
 top_p = 1.0                 # nucleus sampling; 1.0 = off
@@ -64,18 +64,19 @@ judge_benchmarks = "mathvision_mini"  # comma-separated; OVR's behaviour numbers
 # -----------------------------------------------------------------------------
 
 TEMPLATES = {
-    # OVR's prompt is unpublished (ovr_recipe.md §1.3); its traces are "<think> ... </think> summary" and
+    # OVR's prompt is unpublished (OVR paper arXiv 2507.05255 §3.2 gives none); its traces are "<think> ... </think> summary" and
     # its reward reads \boxed{}, so we ask for exactly that.
     "ovr": "{question}{choices}\n\nThink step by step inside <think> </think>, then put the final answer in \\boxed{}.",
-    # ORZ's instruction (ovr_recipe.md §2.1), paraphrased, as a user turn of the chat template.
+    # ORZ's instruction (ORZ paper Table 1, playground/zero_setting_base.py), paraphrased, as a user turn of the chat template.
     "orz": "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
            "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning is "
            "enclosed in <think> </think> and the answer in <answer> </answer>, with the final answer inside "
            "\\boxed{}.\nThis is the problem:\n{question}{choices}",
 }
 LETTERS = "ABCDEFGHIJ"
-# Published numbers, in percent (OVR paper Tables 2 and 3, copied in ovr_recipe.md §1.6). MathVision is
-# the full 3,040-problem test set and MathVerse the testmini Vision-Only split (§1.5).
+# Published numbers, in percent (OVR paper Tables 2 and 3). MathVision is most likely the full 3,040-problem
+# test set and MathVerse the testmini Vision-Only split: OVR's Qwen2.5-VL-7B numbers equal the OpenCompass
+# multimodal-reasoning leaderboard's (VLMEvalKit), which uses those splits.
 REFERENCE = {
     "Qwen2.5-VL-7B": {"math500": 67.4, "mathvision": 25.5, "mathverse_vision_only": 41.1},
     "OVR-7B": {"math500": 95.3, "mathvision": 51.8, "mathverse_vision_only": 54.6},
@@ -104,8 +105,48 @@ def load_problems(path):
                 if not os.path.exists(im):
                     raise FileNotFoundError(f"{path}:{i}: image {im} not found; download the benchmark's "
                                             "images next to the JSONL (see data/prepare_eval.py)")
+                try:  # opened and decoded here, so a bad file stops the run before sampling, not halfway through
+                    from model import checked_image  # (model imports torch: not needed by `eval.py table`)
+                    checked_image(im, max_pixels=2**62)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{i}: problem {p['id']}: {e}; replace the file (see data/prepare_eval.py)") from None
             problems.append(p)
     return problems
+
+
+def file_fingerprint(paths):
+    """sha256 of the bytes of these files, in order (a benchmark: its JSONL and images; a model: its files).
+    ~1.5 GB/s: a few seconds for a 7B checkpoint, next to the minutes it takes to load."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+# settings that change no sample and no score; every other key does, and a resume must match it. model and
+# data_dir are compared by the content of their files instead (a moved checkpoint still resumes)
+NOT_RESULT_KEYS = ("model", "out_dir", "data_dir", "benchmarks", "limit", "gpu_memory_utilization", "pass_k",
+                   "judge_url", "judge_benchmarks")
+
+
+def resume_mismatch(old, config, fingerprints, done):
+    """What differs between the run that wrote out_dir (its config.json) and this one, for the benchmarks with
+    results on disk (`done`): the settings that determine a sample or its score, the model's files, and each
+    benchmark's data (JSONL and images). Empty when resuming is safe."""
+    new = json.loads(json.dumps(config))
+    why = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in NOT_RESULT_KEYS and old.get(k) != v]
+    old_fp = old.get("fingerprints", {})
+    if old_fp.get("model") != fingerprints["model"]:
+        why.append(f"the model's files ({config['model']}) differ" if old_fp.get("model") else "no record of the model's files")
+    for name in done:
+        was = old_fp.get("data", {}).get(name)
+        if was != fingerprints["data"][name]:
+            why.append(f"the {name} data (JSONL or images) differ" if was else f"no record of the {name} data")
+    return why
 
 
 def build_messages(problem, template="ovr"):
@@ -211,7 +252,8 @@ def behaviour_rates(counts):
 
 
 # Definitions for the judge, written from OVR Table 1 and Gandhi et al.'s classifier prompts (only OVR's
-# backtracking prompt is published, ovr_recipe.md §1.4).
+# backtracking prompt is published, OVR paper App. C.2; Gandhi et al.'s prompts are in kanishkg/cognitive-behaviors,
+# behavioral_evals/api_eval.py).
 JUDGE_DEFINITIONS = {
     "backtracking": "the model realises that a path, calculation or assumption is wrong or unproductive and explicitly "
                     "switches to a different approach (e.g. 'That led to a dead end. Let's try subtracting instead.')",
@@ -437,23 +479,48 @@ if __name__ == "__main__":
     import torch
     from model import QwenVL, QwenVLConfig, configure, load_tokenizer
     from rollout import make_engine
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print("reports: python eval.py table OUT_DIR [OUT_DIR ...]   (a Markdown table of summary.json scores)\n"
+              "         python eval.py plot RUN_DIR [RUN_DIR ...]    (training curves from metrics.jsonl -> RUN_DIR/curves.png)")
     config = configure(globals(), sys.argv[1:])  # the resolved settings, saved next to the scores
+    if dtype not in ("bfloat16", "float32"):
+        sys.exit(f"config error: dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        sys.exit(f"model={model!r} is not a model directory (no config.json): give a checkpoint in HF layout (sft.py and "
+                 "rl.py write out_dir/hf)")
     name = os.path.normpath(model)
     name = os.path.basename(os.path.dirname(name) if os.path.basename(name) == "hf" else name)  # .../run/hf -> run
     out_dir = out_dir or os.path.join("out", "eval_" + name)
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=2))
-    # a resume with other decoding settings would mix two experiments in one file
+    # every benchmark is read (and its images decoded) before anything is sampled: bad data stops the run here
+    data = {}
+    for name in [b for b in benchmarks.split(",") if b]:
+        path = os.path.join(data_dir, name + ".jsonl")
+        if not os.path.exists(path):
+            sys.exit(f"{path} not found: prepare it with data/prepare_eval.py, or leave {name} out of --benchmarks")
+        try:
+            problems = load_problems(path)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(str(e))
+        images = sorted({im for p in problems for im in p["images"]})
+        data[name] = (problems[: limit or None], file_fingerprint([path] + images))
+    # resuming reuses every sample on disk: refuse unless everything that determines a sample or its score is
+    # the same (settings, the model's files, each benchmark's data), and say what differs
     settings = os.path.join(out_dir, "config.json")
+    weights = sorted(os.path.join(model, f) for f in os.listdir(model) if os.path.isfile(os.path.join(model, f)))
+    fingerprints = {"model": file_fingerprint(weights), "data": {n: h for n, (_, h) in data.items()}}
     if os.path.exists(settings):
         with open(settings) as f:
             old = json.load(f)
-        changed = [k for k in ("model", "template", "temperature", "top_p", "max_tokens", "n")
-                   if old.get(k) != config[k]]
-        if changed:
-            sys.exit(f"{out_dir} holds a run with other {changed}; pass another --out_dir or delete it to start over")
+        done = [n for n in data if os.path.exists(os.path.join(out_dir, n + ".jsonl"))]
+        why = resume_mismatch(old, config, fingerprints, done)
+        if why:
+            sys.exit(f"{out_dir} holds samples of another run ({'; '.join(why)}); resuming would report them as this "
+                     f"run's. Pass another --out_dir, or delete {out_dir} to start over.")
+        fingerprints["data"] = {**old.get("fingerprints", {}).get("data", {}), **fingerprints["data"]}
     with open(settings, "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump({**config, "fingerprints": fingerprints}, f, indent=2)
 
     tokenizer = load_tokenizer(model)
     if engine == "torch":
@@ -470,8 +537,7 @@ if __name__ == "__main__":
         with open(summary_path) as f:
             results = json.load(f)["benchmarks"]
     ks = [int(k) for k in pass_k.split(",") if k]
-    for name in [b for b in benchmarks.split(",") if b]:
-        problems = load_problems(os.path.join(data_dir, name + ".jsonl"))[: limit or None]
+    for name, (problems, _) in data.items():
         judge = None
         if judge_url and name in judge_benchmarks.split(","):
             judge = functools.partial(judge_behaviours, url=judge_url, model=judge_model)

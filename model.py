@@ -16,6 +16,7 @@ the Qwen2.5-VL technical report (arXiv:2502.13923).
 import ast
 import difflib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -921,6 +922,7 @@ def save_checkpoint(ckpt_dir, model, optimizer, meta, extra=None, keep_last=2, h
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, world_size=world), f, indent=1)
+        write_manifest(tmp)  # last: a checkpoint with a manifest is complete, and a resume can check every byte
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # atomic: a step_N dir without .tmp is complete
         with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
@@ -929,8 +931,10 @@ def save_checkpoint(ckpt_dir, model, optimizer, meta, extra=None, keep_last=2, h
             os.fsync(f.fileno())
         os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
         done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        good = [d for d in done if os.path.exists(os.path.join(ckpt_dir, d, "GOOD"))][-1:]
         for d in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+            if d not in good:  # a blow-up in the steps after the newer ones still leaves a good one (mark_good)
+                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
     barrier()
     return final
 
@@ -964,10 +968,237 @@ def load_checkpoint(path, model, optimizer):
 
 def trim_jsonl(path, step):
     """Keep only the lines of a JSONL log whose "step" is below `step`: on resume, drop what the killed
-    run logged after the checkpoint (a fresh run passes a step below its first, which empties the file)."""
-    lines = open(path).read().splitlines() if os.path.exists(path) else []
-    with open(path, "w") as f:
-        f.writelines(line + "\n" for line in lines if json.loads(line)["step"] < step)
+    run logged after the checkpoint (a fresh run passes a step below its first, which empties the file).
+    Every line is checked before anything is written, and the file is replaced atomically (tmp + rename),
+    so a kill here loses nothing. A torn last line (a run killed mid-write) is dropped with a message; a
+    bad line anywhere else stops the run with the file untouched. Returns the kept records."""
+    lines = []  # a fresh run starts with an empty file
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    kept, text = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            s = r["step"]
+            if type(s) is not int:
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i == last:
+                print(f"{path}:{i + 1}: dropping a torn last line (a run killed mid-write): {line[:60]!r}")
+                continue
+            raise SystemExit(f"{path}:{i + 1}: not a JSON object with an integer \"step\" ({line[:60]!r}); the file "
+                             "is left as it is: fix or delete that line, then resume") from None
+        if s < step:
+            kept.append(r)
+            text.append(line + "\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return kept
+
+
+# ---- checkpoint manifests: every file's size and sha256, written last, checked on resume
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder):
+    found = (os.path.join(root, n) for root, _, names in os.walk(folder) for n in names)
+    return sorted(os.path.relpath(p, folder) for p in found if os.path.basename(p) not in ("manifest.json", "GOOD"))
+
+
+def write_manifest(folder):
+    """folder/manifest.json: {relative path: [bytes, sha256]} of every file in the checkpoint. Hashing reads
+    the checkpoint once more; threads hash the per-rank shards in parallel (hashlib releases the GIL), so a
+    7B checkpoint with its AdamW state (~90 GB) costs about a minute per save on one node."""
+    from concurrent.futures import ThreadPoolExecutor
+    names = _files(folder)
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        sums = list(pool.map(lambda n: _sha256(os.path.join(folder, n)), names))
+    manifest = {n: [os.path.getsize(os.path.join(folder, n)), s] for n, s in zip(names, sums)}
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=0)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_problem(path):
+    """None if every file the checkpoint's manifest lists is there with its size and sha256; else what is wrong."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "no manifest.json" if os.path.isdir(path) else "missing"
+    except (OSError, ValueError) as e:
+        return f"manifest.json unreadable ({e})"
+    for name, (size, digest) in manifest.items():
+        p = os.path.join(path, name)
+        if not os.path.exists(p):
+            return f"{name} is missing"
+        if os.path.getsize(p) != size:
+            return f"{name} has {os.path.getsize(p)} bytes, the manifest says {size} (truncated or overwritten)"
+        if _sha256(p) != digest:
+            return f"{name} does not match its sha256 in the manifest (overwritten or corrupt)"
+    return None
+
+
+def resumable_checkpoint(ckpt_dir):
+    """The checkpoint to resume from: ckpt/latest if intact, else the newest older intact one, with a message
+    saying what was wrong (rank 0 checks, every rank gets its answer). None if there is no checkpoint;
+    exits if there are checkpoints and none is intact. Newer step dirs than `latest` are never used: a
+    divergence stop points `latest` back at the last good checkpoint (mark_good)."""
+    rank, _ = _rank_world()
+    answer = [None]
+    if rank == 0:
+        latest = latest_checkpoint(ckpt_dir)
+        steps = sorted((d for d in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+", d)), reverse=True) \
+            if os.path.isdir(ckpt_dir) else []
+        if latest:
+            steps = [d for d in steps if d < os.path.basename(latest)]
+            candidates = [latest] + [os.path.join(ckpt_dir, d) for d in steps]
+        else:  # no pointer (deleted, or a kill between the rename and writing it): every complete step dir
+            candidates = [os.path.join(ckpt_dir, d) for d in steps]
+        bad = []
+        for path in candidates:
+            problem = checkpoint_problem(path)
+            if problem == "no manifest.json":  # written before manifests existed: complete (renamed), not checkable
+                print(f"WARNING: {path} has no manifest.json; resuming from it unverified", file=sys.stderr)
+                problem = None
+            if problem is None:
+                answer = [path]
+                break
+            bad.append(f"{path}: {problem}")
+            print(f"WARNING: checkpoint {path} is not usable: {problem}", file=sys.stderr)
+        if bad and answer[0]:
+            print(f"WARNING: resuming from the newest intact checkpoint, {answer[0]}", file=sys.stderr)
+            _write_latest(ckpt_dir, answer[0])
+        elif bad:
+            answer = ["none intact: " + "; ".join(bad)]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(answer, src=0)
+    if answer[0] and answer[0].startswith("none intact: "):
+        raise SystemExit(f"{ckpt_dir}: no intact checkpoint to resume from ({answer[0][13:]}). Move {ckpt_dir} "
+                         "away to start over from init_from.")
+    return answer[0]
+
+
+def _write_latest(ckpt_dir, path):
+    with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(path))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+
+
+def mark_good(path):
+    """Record that a step after checkpoint `path` passed the blow-up check (rank 0): its weights trained
+    normally. keep_last never deletes the newest such checkpoint, and a blow-up stop points latest at it."""
+    if path and _rank_world()[0] == 0 and os.path.isdir(path):
+        open(os.path.join(path, "GOOD"), "w").close()
+
+
+def last_good_checkpoint(ckpt_dir):
+    steps = sorted(d for d in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(ckpt_dir) else []
+    good = [d for d in steps if os.path.exists(os.path.join(ckpt_dir, d, "GOOD"))]
+    return os.path.join(ckpt_dir, good[-1]) if good else None
+
+
+def blow_up(name, value, history, step, ckpt_dir, high=0.0, low=0.0):
+    """Stop the run (every rank calls it with the same values) when `value` is not finite, above `high` times
+    the median of the run's last 50 values of it (history, resumed runs included), or below the median / `low`
+    (a collapse: a tiny model at SFT LR 1e6 went to grad norm exactly 0 with a flat loss, never NaN). The
+    message names the step and the last good checkpoint, and ckpt/latest is pointed at it, so --resume=True
+    continues from there. high/low 0: that side is not checked. Returns None when the value is fine."""
+    recent = sorted(history[-50:])
+    median = recent[len(recent) // 2] if recent else None
+    why = None
+    if not math.isfinite(value):
+        why = f"{name} {value}"
+    elif median is not None and high and value > high * median:
+        why = f"{name} {value:.4g}, more than {high:g}x its median {median:.4g} over the last {len(recent)} steps"
+    elif median is not None and low and value < median / low:
+        why = f"{name} {value:.4g}, less than 1/{low:g} of its median {median:.4g} over the last {len(recent)} steps"
+    if why is None:
+        return None
+    if math.isfinite(value):
+        why += " (a blow-up: lower the learning rate; blowup_factor=0 turns this check off)"
+    good = last_good_checkpoint(ckpt_dir)
+    if good and _rank_world()[0] == 0:
+        _write_latest(ckpt_dir, good)
+    raise SystemExit(f"step {step}: {why}; stopping without updating. Last good checkpoint: {good or 'none'}"
+                     + (" (ckpt/latest now points at it; --resume=True continues from there)" if good else ""))
+
+
+def resume_changes(old, new, refuse, keys_ignored=("resume",)):
+    """Compare the config a checkpoint was written with to this run's: print a warning naming every changed
+    key, and exit naming the changed keys of `refuse` ({key: why}), where the resumed data position or
+    schedule would be wrong."""
+    new = json.loads(json.dumps(new))  # as meta.json stores it (tuples become lists)
+    changed = {k: (old.get(k), v) for k, v in new.items() if k not in keys_ignored and k in old and old[k] != v}
+    stop = {k: c for k, c in changed.items() if k in refuse}
+    if stop:
+        raise SystemExit("cannot resume: " + "; ".join(f"{k} was {a!r}, now {b!r} ({refuse[k]})" for k, (a, b) in stop.items())
+                         + ". Resume with the old values, or start a new run in another out_dir.")
+    if changed:
+        print("WARNING: resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+              file=sys.stderr)
+    return changed
+
+
+# ---- one run per out_dir
+
+
+_LOCKS = []  # open lock files: the kernel holds the lock while the file stays open, and drops it when we die
+
+
+def lock_out_dir(out_dir):
+    """Rank 0 takes an exclusive flock on out_dir/LOCK and writes its pid, host and start time into it. A
+    second run on the same out_dir exits naming the holder. The kernel releases the lock when the holder
+    dies (even by kill -9), so a lock left by a dead run is taken over, with a message naming it."""
+    import fcntl
+    import socket
+    import time
+    if _rank_world()[0] != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "LOCK")
+    f = open(path, "a+")
+    f.seek(0)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "(no pid written yet)"
+        f.close()
+        raise SystemExit(f"{out_dir} is in use by another run ({holder}); wait for it to finish or stop it, or pass "
+                         "another --out_dir") from None
+    old = f.read().strip()
+    if old:
+        print(f"{path}: taking over the lock of a run that is no longer running ({old})")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _LOCKS.append(f)
+    import atexit
+    atexit.register(lambda: (f.truncate(0), f.close()))  # a clean exit leaves an empty, unlocked file
+    return path
+
+
+def data_fingerprint(*parts):
+    """A short sha256 of anything JSON-serialisable (sample lengths, problem ids and answers)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -1030,6 +1261,40 @@ def preprocess_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
     x = np.repeat(x[:, :, :, :, :, None], temporal_patch_size, axis=5)
     pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, -1))  # (N, 3*2*14*14)
     return pixel_values, torch.tensor([1, gh, gw], dtype=torch.long)
+
+
+def checked_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, factor=28):
+    """Open, verify and fully decode an image once, when the data is loaded, so a corrupt, truncated or
+    unusable file is found before training (ValueError saying what is wrong), not at the step that samples it.
+    Returns what to put in the problem: the path itself, or, for an image larger than max_pixels, an RGB copy
+    already resized to the size preprocess_image gives it. preprocess_image then resizes that copy to its own
+    size, which PIL does as a plain copy: the same pixels, bit for bit, without decoding the big file again at
+    every step (a 12000x12000 PNG is ~430 MB of RGB and seconds of decode)."""
+    if isinstance(image, Image.Image):  # e.g. parquet bytes, opened lazily: decode a throwaway copy of them
+        fp = getattr(image, "fp", None)
+        if hasattr(fp, "getvalue"):
+            from io import BytesIO
+            try:
+                with Image.open(BytesIO(fp.getvalue())) as im:
+                    im.load()
+            except Exception as e:
+                raise ValueError(f"embedded {image.format} image cannot be used: {type(e).__name__}: {e}") from None
+        return image
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+        raise ValueError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # the container: PNG chunk CRCs, headers
+        with Image.open(path) as im:
+            im.load()  # the pixels: a truncated file fails here
+            w, h = im.size
+            target = smart_resize(h, w, factor, min_pixels, max_pixels)
+            if w * h <= max_pixels:
+                return path
+            return load_image(im).resize(target[::-1], resample=Image.BICUBIC)
+    except Exception as e:  # untrusted files: PIL raises many kinds (OSError, SyntaxError, ValueError, ...)
+        raise ValueError(f"image {path} cannot be used: {type(e).__name__}: {e}") from None
 
 
 def preprocess_images(images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **kw):
@@ -1388,10 +1653,25 @@ if __name__ == "__main__":
                 sys.exit(f"not an HF checkpoint (no config.json): {d}")
         print(f"averaged {len(dirs)} checkpoints into {average_checkpoints(dirs, outs[0])}")
         sys.exit(0)
-    if len(sys.argv) < 3 or sys.argv[1] != "tiny":
-        sys.exit("usage: python model.py tiny OUT_DIR [--key=value ...]  (keys: build_tiny / tiny_config_dict arguments)\n"
-                 "       python model.py average HF_DIR HF_DIR [...] --out=OUT_DIR")
-    kw = {k.lstrip("-"): ast.literal_eval(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+    import inspect
+    keys = {k: p.default for f in (tiny_config_dict, build_tiny) for k, p in inspect.signature(f).parameters.items()
+            if p.default is not inspect.Parameter.empty and k != "corpus"}  # build_tiny's vocab_size wins
+    wants_help = "--help" in sys.argv or "-h" in sys.argv
+    if wants_help or len(sys.argv) < 3 or sys.argv[1] != "tiny":
+        print("usage: python model.py tiny OUT_DIR [--key=value ...]   (a tiny random Qwen2.5-VL + tokenizer, offline)\n"
+              "       python model.py average HF_DIR HF_DIR [...] --out=OUT_DIR\n")
+        for k, v in keys.items():
+            print(f"  --{k} = {v!r}")
+        sys.exit(0 if wants_help else 1)
+    kw = {}
+    for arg in sys.argv[3:]:
+        k, _, v = arg.lstrip("-").partition("=")
+        if k not in keys:
+            raise _unknown(k, keys, arg)
+        try:
+            kw[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            sys.exit(f"config error ({arg}): {k} must be a Python literal like its default {keys[k]!r}")
     path = build_tiny(sys.argv[2], **kw)
     n = sum(p.numel() for p in QwenVL.from_pretrained(path).parameters())
     print(f"wrote a tiny random Qwen2.5-VL ({n / 1e3:.0f}k parameters) and its tokenizer to {path}")

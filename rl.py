@@ -64,8 +64,9 @@ from tqdm import tqdm
 
 import eval as ev
 import reward
-from model import (QwenVL, barrier, configure, export_hf, keep_hf_export, latest_checkpoint, load_checkpoint,
-                   load_sharded, load_tokenizer, meta_model, render_chat, save_checkpoint, trim_jsonl)
+from model import (QwenVL, barrier, blow_up, checked_image, configure, data_fingerprint, export_hf, keep_hf_export,
+                   latest_checkpoint, load_checkpoint, load_sharded, load_tokenizer, lock_out_dir, mark_good, meta_model,
+                   render_chat, resumable_checkpoint, resume_changes, save_checkpoint, trim_jsonl)
 from rollout import make_engine
 
 # -----------------------------------------------------------------------------
@@ -132,6 +133,8 @@ weight_decay = 0.0              # AdamW
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # max global grad norm (0: off)
+blowup_factor = 10.0            # stop when a grad norm passes this^2 x its median over the last 50 updates, or the
+                                # sampled tokens' mean -log p falls below 1/this of its median (0: NaN/inf only)
 # run
 num_steps = 1000                # RL steps (one rollout batch each)
 eval_every = 50                 # steps between evals on eval_path (0: never)
@@ -225,16 +228,19 @@ def load_data(path):
         except ImportError:
             raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert to JSONL")
         rows = pq.read_table(path).to_pylist()
+        where = [f"{path} row {i}" for i in range(len(rows))]
     else:
-        rows = []
+        rows, where = [], []
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
+                        where.append(f"{path}:{i}")
                     except json.JSONDecodeError as e:
                         raise SystemExit(f"{path}:{i}: not JSON ({e})")
     for i, p in enumerate(rows):
+        p["where"] = where[i]  # file:line, for messages about this problem
         if not p.get("question") or p.get("answer") is None:
             raise SystemExit(f"{path}: problem {i} needs 'question' and 'answer' (README, Data formats), has {sorted(p)}")
         p["id"], p["answer"] = str(p.get("id", i)), str(p["answer"])
@@ -297,6 +303,44 @@ def source_sums(groups, names):
         out[f"reward/{name}"] += sum(g["rewards"])
         out[f"correct/{name}"] += sum(c > 0 for c in g["correct"])
     return out
+
+
+def check_images(problems, pixels, cache_dir, rank, world):
+    """Open and decode every image once, at load time (rank r takes problems r, r+W, ...), so a corrupt file
+    cannot crash the run at the step that samples it (and again at that step after every resume: the data
+    order is seeded). Problems with an unusable image are dropped, and the count and the first few file:line
+    are printed. An image larger than max_pixels is resized once, to the size preprocess_image gives it, into
+    cache_dir as a PNG (lossless: the same pixels, bit for bit), so a step decodes that instead of the original
+    (a 12000x12000 image is ~430 MB of RGB, decoded at every step it was sampled)."""
+    from PIL import Image
+    mine = {}
+    for i in range(rank, len(problems), world):
+        p, images = problems[i], []
+        try:
+            for im in p["images"]:
+                small = checked_image(im, **pixels)
+                if isinstance(small, Image.Image) and not isinstance(im, Image.Image):  # resized: cache it
+                    st = os.stat(im)
+                    key = data_fingerprint(os.path.abspath(im), st.st_size, st.st_mtime_ns, pixels)
+                    small_path = os.path.join(cache_dir, f"{key}.png")
+                    if not os.path.exists(small_path):
+                        os.makedirs(cache_dir, exist_ok=True)
+                        small.save(small_path + f".tmp{rank}.png")
+                        os.replace(small_path + f".tmp{rank}.png", small_path)
+                    small = small_path
+                images.append(small if isinstance(small, str) and small != im else None)  # None: keep (no pickling)
+            mine[i] = images
+        except ValueError as e:
+            mine[i] = f"{p['where']} (problem id {p['id']}): {e}"
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+    result = {i: r for part in parts for i, r in part.items()}
+    bad = [result[i] for i in range(len(problems)) if isinstance(result[i], str)]
+    kept = [dict(p, images=[new or im for new, im in zip(result[i], p["images"])])
+            for i, p in enumerate(problems) if not isinstance(result[i], str)]
+    return kept, bad
 
 
 def next_prompts(k, state, n, rank, world):
@@ -390,10 +434,16 @@ def main():
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(seed + rank)
+    if dtype not in ("auto", "float32", "bfloat16"):  # settings a user types: one line, not a traceback
+        raise SystemExit(f"config error: dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    if not os.path.isfile(os.path.join(init_from, "config.json")):
+        raise SystemExit(f"init_from={init_from!r} is not a model directory (no config.json): give the cold-start "
+                         "model in HF layout (sft.py writes out_dir/hf), or build a tiny one with python model.py tiny out/tiny")
     # bf16 on a GPU: in fp32 SDPA falls back to its math kernel (flash refuses fp32; memory-efficient refuses GQA)
     compute = dtype if dtype != "auto" else "bfloat16" if use_cuda else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute]
     assert adv_norm in ("group", "batch", "none") and loss_norm in ("token", "constant"), "see --help for the choices"
+    lock_out_dir(out_dir)  # rank 0: one run per out_dir (a second one exits here, naming the first)
     assert overlong in ("mask", "zero"), f"overlong must be 'mask' or 'zero', got {overlong!r}"
     assert not judge_url or judge_model, "judge_url is set: judge_model must name the judge's model"
     assert prompts_per_step % world == 0, f"prompts_per_step {prompts_per_step} must be a multiple of {world} ranks"
@@ -441,8 +491,19 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     problems, sources = load_sources(data_path, data_weights)
+    # every image opened and decoded once, per source (each keeps its own index range); bad problems are skipped
+    checked, bad, kept_sources = [], [], []
+    for name, first, n, w in sources:
+        kept, b = check_images(problems[first:first + n], pixels, os.path.join(out_dir, "image_cache"), rank, world)
+        kept_sources.append((name, len(checked), len(kept), w))
+        checked, bad = checked + kept, bad + b
+    problems, sources = checked, kept_sources
+    if bad:
+        log(f"WARNING: skipped {len(bad)} problem(s) with an image that cannot be used (fix or remove them): "
+            + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""), file=sys.stderr)
     for name, _, n, w in sources:
-        assert n >= world, f"{name}: {n} problems for {world} ranks"
+        if n < world:
+            raise SystemExit(f"{name}: {n} usable problems for {world} ranks ({len(bad)} skipped in all for their images)")
         log(f"data source {name}: {n} problems, weight {w:.3f}")
     eval_problems = ev.load_problems(eval_path)[:eval_limit or None] if eval_path else []
     log(f"data: {len(problems)} training problems, {len(eval_problems)} eval problems")
@@ -454,18 +515,34 @@ def main():
         os.makedirs(ckpt_dir, exist_ok=True)
     barrier()
     start, data_state = 0, {"draws": 0, "sources": [{"epoch": 0, "cursor": 0} for _ in sources]}
+    # what a rank's data position means: the seeded order of these problems
+    data_id = data_fingerprint([(p["id"], p["question"], p["answer"]) for p in problems], seed)
     latest = latest_checkpoint(ckpt_dir)
     if latest and not resume:
         raise SystemExit(f"{out_dir} already has a checkpoint ({latest}): pass --resume=True or use another out_dir")
+    latest = resumable_checkpoint(ckpt_dir) if resume else None  # checked against its manifest; else an older one
     if latest:
         meta, data_state = load_checkpoint(latest, model, optimizer)  # and this rank's RNG
-        assert data_state, f"{latest} was written by {meta['world_size']} ranks: resume with as many (data is per rank)"
+        if not data_state:
+            raise SystemExit(f"{latest} was written by {meta['world_size']} ranks: resume with as many (data is per rank)")
+        if meta.get("data", data_id) != data_id:
+            raise SystemExit(f"cannot resume from {latest}: the problems differ from the run that wrote it (data_path "
+                             f"{meta['config'].get('data_path')!r} -> {data_path!r}, seed {meta['config'].get('seed')} -> {seed}, "
+                             "or the file's content), so each rank's position in its seeded order would point at other "
+                             "problems. Resume with the old data and seed, or start a new out_dir.")
+        resume_changes(meta["config"], config, refuse={})  # a warning naming every other changed key (LR, batch...)
         start = meta["step"]
         eng.sync_weights(model)  # the engine was built from init_from
         log(f"resumed from {latest} at step {start}")
+    history = [None]
     if master:
-        for path in (metrics_path, rollouts_path):  # lines of the steps before the checkpoint's stay
-            trim_jsonl(path, start)
+        for path in (rollouts_path, metrics_path):  # lines of the steps before the checkpoint's stay
+            history = [trim_jsonl(path, start)]
+    if ddp:
+        dist.broadcast_object_list(history, src=0)
+    norms = [r["grad_norm"] for r in history[0] if r.get("grad_norm")]  # what the blow-up checks compare with
+    nlls = [r["sample_nll"] for r in history[0] if "sample_nll" in r]
+    saved_at = start if latest else None
     if master and wandb_project:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
@@ -491,10 +568,12 @@ def main():
         m = {"step": step}
         if step > start and (step == num_steps or (save_every and step % save_every == 0)):
             # each rank walks its own stride of the data: its position is its own
-            path = save_checkpoint(ckpt_dir, model, optimizer, dict(step=step, config=config), extra=dict(data_state),
-                                   keep_last=keep_last, hf=(tokenizer, ptdtype) if export_every_save else None)
+            latest = save_checkpoint(ckpt_dir, model, optimizer, dict(step=step, config=config, data=data_id),
+                                     extra=dict(data_state), keep_last=keep_last,
+                                     hf=(tokenizer, ptdtype) if export_every_save else None)
+            saved_at = step
             if master and export_every_save and keep_hf_exports:
-                keep_hf_export(os.path.join(path, "hf"), out_dir, keep_hf_exports)
+                keep_hf_export(os.path.join(latest, "hf"), out_dir, keep_hf_exports)
         cap = length_schedule(step, length_stages)
         if eval_problems and eval_every and (step % eval_every == 0 or step == num_steps):
             s = ev.evaluate(eng, eval_problems[rank::world], template, eval_n, temperature, top_p, cap,
@@ -528,6 +607,14 @@ def main():
                     kept.append(g)
             rounds += 1
         eng.sleep()
+        # the sampled tokens' mean -log p (an entropy estimate, all responses, all ranks): a blown-up policy
+        # puts p ~ 1 on one token and stops learning without a NaN (LR 1e15 on the toy task: 0.9 -> 0.0 in one
+        # step, reward 0, no group left to train on, exit 0), so a collapse to 1/blowup_factor of the median stops
+        lp = reduce({"nll": -sum(sum(c.logprobs) for g in seen for c in g["completions"]),
+                     "tokens": sum(len(c.logprobs) for g in seen for c in g["completions"])})
+        m["sample_nll"] = lp["nll"] / max(lp["tokens"], 1)
+        blow_up("sampled-token NLL", m["sample_nll"], nlls, step, ckpt_dir, low=blowup_factor)
+        nlls.append(m["sample_nll"])
 
         # ---- 3. advantages -> training sequences, shuffled, split into minibatches of packed micro-batches
         samples = []
@@ -593,9 +680,10 @@ def main():
                         q.grad = torch.zeros_like(q)
                 norm = torch.nn.utils.get_total_norm([q.grad for q in params])  # the global L2 norm before the clip
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP: all-reduced
-                if not math.isfinite(norm.item()):
-                    raise SystemExit(f"step {step}: grad norm {norm.item()}; stopping without updating. "
-                                     f"Last checkpoint: {latest}")
+                # NaN/inf, or far above the run's own history: stop before the update, naming the last good checkpoint
+                blow_up("grad norm", norm.item(), norms, step, ckpt_dir, high=blowup_factor ** 2)
+                if norm.item() > 0:
+                    norms.append(norm.item())
                 if grad_clip > 0:  # takes the parameters (it scales their .grad), not the gradients
                     torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
                 for group in optimizer.param_groups:
@@ -604,6 +692,8 @@ def main():
                 optimizer.zero_grad(set_to_none=True)
                 tr["grad_norm"] += norm.item() / n_updates / world  # the same on every rank; summed over ranks below
         t_train = time.time() - t
+        if saved_at == step:  # the weights saved at the top of this step sampled and trained normally
+            mark_good(latest)
 
         # ---- 5. the new weights into the engine
         t = time.time()

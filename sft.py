@@ -34,8 +34,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
-                   load_tokenizer, meta_model, render_chat, save_checkpoint, trim_jsonl)
+from model import (QwenVL, barrier, blow_up, configure, data_fingerprint, export_hf, latest_checkpoint, load_checkpoint,
+                   load_sharded, load_tokenizer, lock_out_dir, mark_good, meta_model, render_chat, resumable_checkpoint,
+                   resume_changes, save_checkpoint, trim_jsonl)
 
 # -----------------------------------------------------------------------------
 # config (plain globals; a config file from config/ and --key=value override them)
@@ -69,6 +70,7 @@ weight_decay = 0.0              # AdamW, on matrices only
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0                 # max global grad norm (0: off)
+blowup_factor = 10.0            # stop when loss > this x its median over the last 50 steps, grad norm > this^2 x or < 1/this (0: NaN/inf only)
 # system
 seed = 0                        # data order (shuffle and packing per epoch)
 device = "auto"                 # "auto" (cuda if available), "cuda", "cpu"
@@ -357,12 +359,22 @@ def main():
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(seed)
+    # settings a user types: one line saying what is wrong, not a traceback
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise SystemExit(f"config error: dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    if overlong not in ("drop", "truncate") or lr_schedule not in ("cosine", "constant"):
+        raise SystemExit(f"config error: overlong must be drop|truncate ({overlong!r}), lr_schedule cosine|constant ({lr_schedule!r})")
+    if batch_size < 1 or micro_batch_size < 1 or batch_size % (micro_batch_size * world):
+        raise SystemExit(f"config error: batch_size {batch_size} must be a positive multiple of micro_batch_size "
+                         f"{micro_batch_size} x world size {world}")
+    if not os.path.isfile(os.path.join(init_from, "config.json")):
+        raise SystemExit(f"init_from={init_from!r} is not a model directory (no config.json): give a local Qwen2.5-VL "
+                         "in HF layout (huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR), or build "
+                         "a tiny one with python model.py tiny out/tiny")
     # bf16 on a GPU: in fp32 SDPA falls back to its math kernel (flash refuses fp32; memory-efficient refuses GQA)
     compute = dtype if dtype != "auto" else "bfloat16" if use_cuda else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute]
-    assert overlong in ("drop", "truncate") and lr_schedule in ("cosine", "constant"), "see --help for the choices"
-    assert batch_size % (micro_batch_size * world) == 0, \
-        f"batch_size {batch_size} must be a multiple of micro_batch_size {micro_batch_size} x world size {world}"
+    lock_out_dir(out_dir)  # rank 0: one run per out_dir (a second one exits here, naming the first)
     micro_steps = batch_size // (micro_batch_size * world)  # gradient accumulation steps per rank
     log(json.dumps(config))
     log(f"batch: {world} ranks x {micro_batch_size} rows x {micro_steps} accumulation steps = "
@@ -379,10 +391,16 @@ def main():
                                                         cache=os.path.join(out_dir, "length_index.json"))
     n_kept = sum(n > 0 for n in lengths)
     n_trunc = sum(0 < n < f for n, f in zip(lengths, n_full))
+    if n_kept == 0:
+        raise SystemExit(f"no training samples in {data_path}: {len(refs)} read, all dropped as longer than "
+                         f"max_seq_len {max_seq_len}" if refs else f"no training samples in {data_path}: the file is empty")
     rows_per_epoch = [len(epoch_rows(lengths, max_seq_len, seed, e)) for e in range(epochs)]
     total = max_steps or sum(r // batch_size for r in rows_per_epoch)
-    assert rows_per_epoch[0] >= batch_size, \
-        f"the data packs into {rows_per_epoch[0]} rows of {max_seq_len} tokens, fewer than batch_size {batch_size}"
+    if rows_per_epoch[0] < batch_size:
+        raise SystemExit(f"the data packs into {rows_per_epoch[0]} rows of {max_seq_len} tokens, fewer than "
+                         f"batch_size {batch_size}: lower batch_size or add data")
+    # what the data position (epoch, row) means: the packing of every epoch follows from these alone
+    packing = data_fingerprint(lengths, max_seq_len, seed)
     log(f"data: {len(refs)} samples read in {time.time() - t0:.1f}s; {len(refs) - n_kept} dropped, {n_trunc} truncated "
         f"(longer than max_seq_len {max_seq_len}, overlong={overlong}); {sum(lengths)} tokens, {sum(n_tgt)} targets")
     log(f"packing: {rows_per_epoch[0]} rows per epoch, {sum(lengths) / (rows_per_epoch[0] * max_seq_len):.1%} of row "
@@ -431,22 +449,34 @@ def main():
     latest = latest_checkpoint(ckpt_dir)
     if latest and not resume:
         raise SystemExit(f"{out_dir} already has a checkpoint ({latest}): pass --resume=True or use another out_dir")
+    latest = resumable_checkpoint(ckpt_dir) if resume else None  # checked against its manifest; else an older one
     if latest:
         meta, _ = load_checkpoint(latest, model, optimizer)  # and each rank's RNG, with as many ranks as before
         step, epoch, row = meta["step"], meta["epoch"], meta["row"]
+        if meta.get("packing", packing) != packing:  # other samples, lengths, max_seq_len or seed: rows differ
+            data_keys = ("data_path", "max_seq_len", "overlong", "seed", "min_pixels", "max_pixels")
+            changed = [f"{k} {meta['config'].get(k)!r} -> {config[k]!r}" for k in data_keys if meta["config"].get(k) != config[k]]
+            raise SystemExit(f"cannot resume from {latest}: the data packs differently than when it was written "
+                             f"({', '.join(changed) or 'the content of the data files changed'}), so epoch {epoch} row {row} "
+                             "would be other samples. Resume with the old data and settings, or start a new out_dir.")
+        resume_changes(meta["config"], config, refuse={})  # a warning naming every other changed key (LR, batch_size...)
         log(f"resumed from {latest}: step {step}, epoch {epoch}, row {row}")
     elif resume:
         log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from {init_from}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if master:  # keep only the lines up to the checkpoint we resume from (a line's step counts steps done)
-        trim_jsonl(metrics_path, step + 1)
+    # keep only the lines up to the checkpoint we resume from (a line's step counts steps done); their losses
+    # and grad norms are the history the blow-up check compares with, the same on every rank
+    history = [trim_jsonl(metrics_path, step + 1) if master else None]
+    if ddp:
+        dist.broadcast_object_list(history, src=0)
+    losses, norms = [r["loss"] for r in history[0]], [r["grad_norm"] for r in history[0] if r["grad_norm"] > 0]
     if master and wandb_project:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
 
     # ---- train
     def save():
-        meta = dict(step=step, epoch=epoch, row=row, config=config)
+        meta = dict(step=step, epoch=epoch, row=row, config=config, packing=packing)
         return save_checkpoint(ckpt_dir, model, optimizer, meta, keep_last=keep_last,
                                hf=(tokenizer, ptdtype) if export_every_save else None)
 
@@ -487,9 +517,15 @@ def main():
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # the global L2 norm, before the clip
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP: all-reduced
         loss_val, norm_val = loss_sum.item(), norm.item()
-        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            raise SystemExit(f"step {step + 1}: loss {loss_val}, grad norm {norm_val}; stopping without updating. "
-                             f"Last good checkpoint: {latest or 'none'}")
+        # NaN/inf, or far above the run's own history: stop before the update, naming the last good checkpoint
+        # (a loss spike of 10x, or a grad norm 100x up or 10x down, is past anything a healthy run does)
+        blow_up("loss", loss_val, losses, step + 1, ckpt_dir, high=blowup_factor)
+        blow_up("grad norm", norm_val, norms, step + 1, ckpt_dir, high=blowup_factor ** 2, low=blowup_factor)
+        if saved_at == step:  # the weights saved at the top of this step gave a normal loss: a good checkpoint
+            mark_good(latest)
+        losses.append(loss_val)
+        if norm_val > 0:  # (a median of 0 would make any later norm a blow-up)
+            norms.append(norm_val)
         if grad_clip > 0:  # takes the parameters (it scales their .grad), not the gradients
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         optimizer.step()

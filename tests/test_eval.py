@@ -202,7 +202,11 @@ def test_load_problems_errors_name_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"b\.jsonl:1: image .*img/a\.png not found"):
         ev.load_problems(str(path))
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a.png").write_bytes(b"")
+    (tmp_path / "img" / "a.png").write_bytes(b"")  # there, but not an image
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: problem a: image .*img/a\.png cannot be used"):
+        ev.load_problems(str(path))
+    from PIL import Image
+    Image.new("RGB", (30, 20)).save(tmp_path / "img" / "a.png")
     [p] = ev.load_problems(str(path))
     assert p["images"] == [str(tmp_path / "img" / "a.png")] and p["answer"] == "1"
 

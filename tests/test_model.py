@@ -56,7 +56,8 @@ def image_sample(grids, texts=((5, 6, 7), (8, 9), (11, 12, 13))):
 
 
 def hf_logits(hf, ids, pv=None, grid=None, mask=None):
-    # transformers 5.x needs mm_token_type_ids for the 3-D positions (notes §4.5)
+    # transformers 5.x needs mm_token_type_ids for the 3-D positions (without it 5.x silently
+    # falls back to 1-D positions: transformers' Qwen2_5_VLModel.get_rope_index)
     with torch.no_grad():
         return hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, attention_mask=mask,
                   mm_token_type_ids=(ids == IMG).int()).logits

@@ -202,7 +202,7 @@ def test_format_chat_matches_saved_template(tiny_tokenizer):
         for agp in (False, True):
             ref = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=agp)
             assert format_chat(messages, agp) == ref
-    # the documented example rendering (notes §5.3, from the official template)
+    # the documented example rendering (Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json)
     one = [{"role": "user", "content": [{"type": "image", "image": "x.png"},
                                         {"type": "text", "text": "Describe the image."}]}]
     assert format_chat(one, add_generation_prompt=True) == (

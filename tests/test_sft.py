@@ -276,7 +276,9 @@ def test_single_process_run_logs_and_exports_for_transformers(tiny_model_dir, tm
     assert [x["step"] for x in m] == list(range(1, len(m) + 1)) and len(m) >= 2
     assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_gb"} <= m[0].keys()
     ckpts = sorted(d for d in os.listdir(os.path.join(out, "ckpt")) if d.startswith("step_"))
-    assert ckpts == [f"step_{len(m):06d}"]  # keep_last=1
+    # keep_last=1, plus the newest checkpoint a healthy step followed (the final one has no step after it)
+    assert ckpts[-1] == f"step_{len(m):06d}" and len(ckpts) == 2
+    assert os.path.exists(os.path.join(out, "ckpt", ckpts[0], "GOOD"))
     hf_dir = os.path.join(out, "hf")
     ours = QwenVL.from_pretrained(hf_dir).eval()
     theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir).eval()
@@ -300,12 +302,13 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, tmp_path)
     assert r.returncode != 0 and "stopping without updating" in r.stderr, r.stderr[-2000:]
     bad_step = int(r.stderr.split("step ")[-1].split(":")[0]) if "step " in r.stderr else None
     assert bad_step is not None and bad_step >= 2
+    # step_{bad_step - 1} holds the weights that gave the bad loss: the last good one is the checkpoint before
     latest = sft.latest_checkpoint(os.path.join(out, "ckpt"))
-    assert latest.endswith(f"step_{bad_step - 1:06d}")
+    assert latest.endswith(f"step_{bad_step - 2:06d}") and f"Last good checkpoint: {latest}" in r.stderr
     model = QwenVL.from_pretrained(tiny_model_dir)
     sft.freeze_params(model, ["visual"])
     meta, _ = sft.load_checkpoint(latest, model, sft.make_optimizer([p for p in model.parameters() if p.requires_grad]))
-    assert meta["step"] == bad_step - 1
+    assert meta["step"] == bad_step - 2
 
 
 # ---- distributed and resume (torchrun, 2 gloo processes)
