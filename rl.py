@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import eval as ev
 import reward
-from model import (QwenVL, barrier, configure, export_hf, latest_checkpoint, load_checkpoint, load_tokenizer,
-                   render_chat, save_checkpoint, trim_jsonl)
+from model import (QwenVL, barrier, configure, export_hf, image_bounds, latest_checkpoint, load_checkpoint,
+                   load_tokenizer, render_chat, save_checkpoint, trim_jsonl)
 from rollout import make_engine
 
 # -----------------------------------------------------------------------------
@@ -292,10 +292,7 @@ def main():
 
     # ---- model (fp32 master weights; FSDP2 under torchrun), engine, optimizer, data
     tokenizer = load_tokenizer(init_from)
-    with open(os.path.join(init_from, "preprocessor_config.json")) as f:
-        pre = json.load(f)
-    pixels = dict(min_pixels=min_pixels or pre.get("min_pixels", 56 * 56),
-                  max_pixels=max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
+    pixels = image_bounds(init_from, min_pixels, max_pixels)  # eval.py and sft.py resize with the same helper
     model = QwenVL.from_pretrained(init_from, device=dev, dtype=torch.float32)
     frozen = [p for p in freeze.split(",") if p]
     for name, p in model.named_parameters():
