@@ -157,6 +157,19 @@ def grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, denom, engine
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
+def gap_check(gap, step, last_ckpt, warn, stop):
+    """The engine-vs-trainer health check: raises SystemExit (step and last checkpoint named) when the mean
+    |engine logp - trainer logp| is above `stop`, returns a warning line above `warn`, else None (0: off)."""
+    if stop and gap > stop:
+        raise SystemExit(f"step {step}: engine-trainer logprob gap {gap:.4f} > logp_gap_stop {stop}: the engine "
+                         f"samples from other weights than the trainer's (a failed weight sync?). Stopping; "
+                         f"last checkpoint: {last_ckpt}")
+    if warn and gap > warn:
+        return (f"step {step}: engine-trainer logprob gap {gap:.4f} > logp_gap_warn {warn} (rollouts from other "
+                f"weights or numerics than the trainer's: check the engine's dtype and weight sync)")
+    return None
+
+
 def length_schedule(step, stages):
     """The response-length cap at `step`: stages [(first_step, max_tokens), ...] in step order."""
     assert stages and stages[0][0] == 0, f"length_stages must start at step 0, got {stages}"
@@ -495,9 +508,8 @@ def main():
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
-            if logp_gap_warn and m["logp_gap"] > logp_gap_warn:
-                tqdm.write(f"step {step}: engine-trainer logprob gap {m['logp_gap']:.4f} > logp_gap_warn {logp_gap_warn} "
-                           "(rollouts from other weights or numerics than the trainer's: check the engine's dtype and sync)")
+            if warning := gap_check(m["logp_gap"], step, None, logp_gap_warn, 0):
+                tqdm.write(warning)
             if log_rollouts_every and step % log_rollouts_every == 0:
                 with open(rollouts_path, "a") as f:
                     for g, c, r in [(g, c, r) for g in seen for c, r in zip(g["completions"], g["rewards"])][:log_rollouts]:
@@ -510,10 +522,7 @@ def main():
                          ent=f"{m['entropy']:.2f}", clip=f"{m['clip_frac']:.3f}", kept=m["groups_kept"],
                          gap=f"{m['logp_gap']:.4f}")
         pbar.update(1)
-        if logp_gap_stop and m["logp_gap"] > logp_gap_stop:  # the same reduced value on every rank: all stop
-            raise SystemExit(f"step {step}: engine-trainer logprob gap {m['logp_gap']:.4f} > logp_gap_stop {logp_gap_stop}: "
-                             f"the engine samples from other weights than the trainer's (a failed weight sync?). "
-                             f"Stopping; last checkpoint: {latest_checkpoint(ckpt_dir)}")
+        gap_check(m["logp_gap"], step, latest_checkpoint(ckpt_dir), 0, logp_gap_stop)  # same value on every rank
     pbar.close()
 
     # ---- teardown: the final model in HF layout (the last checkpoint was written at the top of the last iteration)

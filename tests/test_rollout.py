@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import model as M
-from rollout import TorchEngine, by_layer, hf_weights, sample_tokens
+from rollout import TorchEngine, hf_weights, sample_tokens
 
 
 def perturb(model, scale, seed):
@@ -194,12 +194,8 @@ def test_output_follows_weight_updates(tiny):
     assert ids(side.generate(PROMPTS, temperature=0.0, max_tokens=8)) == ids(after)
 
 
-def test_weight_stream_is_the_checkpoint_layer_by_layer(tiny):
+def test_weight_stream_is_the_checkpoint(tiny):
     model, _ = tiny
-    groups = list(by_layer(hf_weights(model, dtype=torch.bfloat16)))
-    names = [n for g in groups for n, _ in g]
-    assert names == [n for n, _ in model.hf_state_dict()]
-    assert all(t.dtype == torch.bfloat16 for g in groups for _, t in g)
-    by_first = {g[0][0]: [n for n, _ in g] for g in groups}
-    layer0 = by_first["model.layers.0.input_layernorm.weight"]  # norms, q/k/v (+bias), o, gate/up/down
-    assert len(layer0) == 12 and all(n.startswith("model.layers.0.") for n in layer0)
+    stream = list(hf_weights(model, dtype=torch.bfloat16))
+    assert [n for n, _ in stream] == [n for n, _ in model.hf_state_dict()]
+    assert all(t.dtype == torch.bfloat16 for _, t in stream)
