@@ -201,7 +201,7 @@ def metrics(out_dir):
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="the CPU build's run; on a GPU the torch-engine test and test_rl cover this")
 def test_rl_through_vllm_raises_reward(toy_vllm, tmp_path):
-    run([sys.executable, *rl_cmd(toy_vllm, tmp_path / "run", "--num_steps=12", "--save_every=0")])
+    run([sys.executable, *rl_cmd(toy_vllm, tmp_path / "run", "--num_steps=9", "--save_every=0")])
     m = metrics(tmp_path / "run")
     first, last = [r["reward_mean"] for r in m[:3]], [r["reward_mean"] for r in m[-3:]]
     assert sum(first) / 3 < 0.4 and sum(last) / 3 - sum(first) / 3 > 0.3, [r["reward_mean"] for r in m]
