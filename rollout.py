@@ -332,8 +332,13 @@ class VLLMEngine:
         dtype = dtype or ("bfloat16" if cuda else "float32")
         # external_launcher runs the engine core and its worker inside this process (no engine subprocess),
         # which is what lets sync_weights hand tensors straight to vLLM's model. It reads the torchrun env;
-        # a plain `python` run becomes a world of one.
-        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
+        # a plain `python` run becomes a world of one, on a free port (two such runs on a machine must not meet).
+        if "MASTER_PORT" not in os.environ:
+            import socket
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
             os.environ.setdefault(k, v)
         # sleep mode frees the GPU for training between rollouts; only CUDA, ROCm and XPU have it, and the CPU
         # platform rejects enable_sleep_mode=True ("Sleep mode is not supported on current platform")

@@ -181,7 +181,10 @@ def toy_vllm(tmp_path_factory):
 
 
 def run(cmd, **env):
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    # without the torchrun variables the engine fixture's external_launcher left in this process's env
+    # (a child would take itself for rank 0 of a torchrun world)
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**base, **env})
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p
 
