@@ -293,3 +293,12 @@ def test_hf_loads_flat_tiny_config_and_runs_render_chat(hf_tiny_dir, tiny_tokeni
         logits = model(input_ids=ids, pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"],
                        mm_token_type_ids=(ids == model.config.image_token_id).int()).logits
     assert logits.shape == (1, ids.shape[1], len(tiny_tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_image_bounds_come_from_the_checkpoint(tmp_path):
+    # sft.py, rl.py and eval.py all resize with these: the checkpoint's bounds unless overridden (> 0)
+    from model import MAX_PIXELS, MIN_PIXELS, image_bounds
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
+    assert image_bounds(str(tmp_path)) == {"min_pixels": 3136, "max_pixels": 12845056}
+    assert image_bounds(str(tmp_path), 0, 50176) == {"min_pixels": 3136, "max_pixels": 50176}
+    assert image_bounds(str(tmp_path / "none")) == {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
