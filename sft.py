@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from model import (QwenVL, barrier, blow_up, configure, data_fingerprint, export_hf, latest_checkpoint, load_checkpoint,
+from model import (QwenVL, barrier, blow_up, configure, data_fingerprint, export_hf, image_bounds, latest_checkpoint, load_checkpoint,
                    load_sharded, load_tokenizer, lock_out_dir, mark_good, meta_model, render_chat, resumable_checkpoint,
                    resume_changes, save_checkpoint, trim_jsonl)
 
@@ -382,9 +382,8 @@ def main():
 
     # ---- data: validate and measure every sample up front, so bad input stops the run here
     tokenizer = load_tokenizer(init_from)
-    with open(os.path.join(init_from, "preprocessor_config.json")) as f:
-        pre = json.load(f)
-    pixels = (min_pixels or pre.get("min_pixels", 56 * 56), max_pixels or pre.get("max_pixels", 28 * 28 * 1280))
+    b = image_bounds(init_from, min_pixels, max_pixels)  # rl.py and eval.py resize with the same helper
+    pixels = (b["min_pixels"], b["max_pixels"])
     paths = [p.strip() for p in data_path.split(",") if p.strip()]
     t0 = time.time()
     refs, lengths, n_tgt, n_full, has_img = build_index(paths, tokenizer, pixels, max_seq_len, overlong, rank, world,

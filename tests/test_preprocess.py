@@ -10,7 +10,7 @@ from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_pil
 
 from model import (CHAT_TEMPLATE, QWEN_PRETOKENIZE_REGEX, QWEN_SPECIAL_TOKENS, _mrope_section,
                        build_tiny_tokenizer, format_chat, load_image, preprocess_image, preprocess_images,
-                       render_chat, smart_resize)
+                       render_chat, resize_image, smart_resize)
 
 TINY_MIN, TINY_MAX = 56 * 56, 28 * 28 * 64
 
@@ -63,8 +63,18 @@ def test_preprocess_matches_hf_processor(h, w, min_pixels, max_pixels):
 
 @pytest.mark.parametrize("mode", ["RGBA", "L"])
 def test_preprocess_other_modes_match_hf(mode):
-    img = random_image(60, 90, mode)  # RGBA: transformers composites alpha onto white
-    ref_pv, _ = hf_process([img], TINY_MIN, TINY_MAX)
+    img = random_image(60, 90, mode)
+    ref = img
+    if mode == "RGBA":
+        # Reference: alpha composited onto white by hand (out = a * rgb + (1 - a) * 255, as qwen-vl-utils and
+        # transformers 5.23 do), then the PIL processor on the RGB result. transformers 5.19's processor would
+        # drop the alpha channel instead (a bug, see model.load_image), so it is not the reference here.
+        a = np.asarray(img).astype(np.float64)
+        rgb = a[..., :3] * a[..., 3:] / 255 + 255 * (1 - a[..., 3:] / 255)
+        ref = Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+        assert np.abs(np.asarray(load_image(img)).astype(int) - np.asarray(ref).astype(int)).max() <= 1  # PIL rounds
+        ref = load_image(img)
+    ref_pv, _ = hf_process([ref], TINY_MIN, TINY_MAX)
     assert (preprocess_image(img, TINY_MIN, TINY_MAX)[0] - ref_pv).abs().max().item() <= 1e-5
 
 
@@ -86,13 +96,31 @@ def test_load_image_missing_file_names_path(tmp_path):
 
 
 def test_saved_preprocessor_config_matches(hf_tiny_dir):
+    # the PIL backend explicitly: with torchvision installed (every vLLM build needs it) AutoImageProcessor
+    # picks the torchvision backend, whose bicubic kernel differs from PIL's (checked below)
     from transformers import AutoImageProcessor
-    proc = AutoImageProcessor.from_pretrained(hf_tiny_dir)
+    proc = AutoImageProcessor.from_pretrained(hf_tiny_dir, backend="pil")
     img = random_image(480, 640)
     out = proc(images=[img], return_tensors="pt")
     pv, grid = preprocess_image(img, TINY_MIN, TINY_MAX)
     assert out["image_grid_thw"][0].tolist() == grid.tolist()
     assert (out["pixel_values"] - pv).abs().max().item() <= 1e-5
+
+
+def test_torchvision_backend_agrees_on_pre_resized_images(hf_tiny_dir):
+    # What rollout.VLLMEngine relies on: an image already at its grid size (resize_image) is not resampled
+    # by the torchvision backend, so it gives model.py's pixels; a raw image that needs resizing does not.
+    pytest.importorskip("torchvision")
+    from transformers import AutoImageProcessor
+    proc = AutoImageProcessor.from_pretrained(hf_tiny_dir, backend="torchvision")
+    img = random_image(480, 640)
+    pv, grid = preprocess_image(img, TINY_MIN, TINY_MAX)
+    raw = proc(images=[img], return_tensors="pt")
+    assert raw["image_grid_thw"][0].tolist() == grid.tolist()
+    assert (raw["pixel_values"] - pv).abs().max().item() > 1e-3  # a = -0.75 against PIL's a = -0.5
+    same = proc(images=[resize_image(img, TINY_MIN, TINY_MAX)], return_tensors="pt")
+    assert same["image_grid_thw"][0].tolist() == grid.tolist()
+    assert (same["pixel_values"] - pv).abs().max().item() <= 1e-5
 
 
 # ---- chat rendering
@@ -265,3 +293,12 @@ def test_hf_loads_flat_tiny_config_and_runs_render_chat(hf_tiny_dir, tiny_tokeni
         logits = model(input_ids=ids, pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"],
                        mm_token_type_ids=(ids == model.config.image_token_id).int()).logits
     assert logits.shape == (1, ids.shape[1], len(tiny_tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_image_bounds_come_from_the_checkpoint(tmp_path):
+    # sft.py, rl.py and eval.py all resize with these: the checkpoint's bounds unless overridden (> 0)
+    from model import MAX_PIXELS, MIN_PIXELS, image_bounds
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
+    assert image_bounds(str(tmp_path)) == {"min_pixels": 3136, "max_pixels": 12845056}
+    assert image_bounds(str(tmp_path), 0, 50176) == {"min_pixels": 3136, "max_pixels": 50176}
+    assert image_bounds(str(tmp_path / "none")) == {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}

@@ -279,3 +279,11 @@ def test_lr_schedule_constant_or_cosine(monkeypatch):
     monkeypatch.setattr(rl, "min_lr_ratio", 0.1)
     assert rl.lr_at(4) == 0.5 and rl.lr_at(10) == 1.0
     assert abs(rl.lr_at(60) - 0.55) < 1e-12 and abs(rl.lr_at(110) - 0.1) < 1e-12
+
+
+def test_gap_check_warns_and_stops_naming_step_and_checkpoint():
+    assert rl.gap_check(0.01, 3, "ckpt/step_2", 0.05, 0.3) is None  # healthy bf16 vLLM
+    assert "step 3" in rl.gap_check(0.1, 3, "ckpt/step_2", 0.05, 0.3)
+    with pytest.raises(SystemExit, match=r"step 7: .*gap 0\.6000 .*last checkpoint: ckpt/step_6"):
+        rl.gap_check(0.6, 7, "ckpt/step_6", 0.05, 0.3)  # stale weights
+    assert rl.gap_check(5.0, 7, None, 0, 0) is None  # both off

@@ -1,8 +1,7 @@
-"""rollout.py: the torch engine against full forwards and model.py's training log-probs (CPU), and the
-vLLM engine end to end where vllm and a GPU exist."""
+"""rollout.py: the torch engine against full forwards and model.py's training log-probs (CPU).
+The vLLM engine's tests are in test_vllm.py."""
 
 import copy
-import importlib.util
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from PIL import Image
 
 import model as M
-from rollout import TorchEngine, VLLMEngine, by_layer, hf_weights, logprob_gap, sample_tokens
+from rollout import TorchEngine, hf_weights, sample_tokens
 
 
 def perturb(model, scale, seed):
@@ -195,56 +194,8 @@ def test_output_follows_weight_updates(tiny):
     assert ids(side.generate(PROMPTS, temperature=0.0, max_tokens=8)) == ids(after)
 
 
-def test_weight_stream_is_the_checkpoint_layer_by_layer(tiny):
+def test_weight_stream_is_the_checkpoint(tiny):
     model, _ = tiny
-    groups = list(by_layer(hf_weights(model, dtype=torch.bfloat16)))
-    names = [n for g in groups for n, _ in g]
-    assert names == [n for n, _ in model.hf_state_dict()]
-    assert all(t.dtype == torch.bfloat16 for g in groups for _, t in g)
-    by_first = {g[0][0]: [n for n, _ in g] for g in groups}
-    layer0 = by_first["model.layers.0.input_layernorm.weight"]  # norms, q/k/v (+bias), o, gate/up/down
-    assert len(layer0) == 12 and all(n.startswith("model.layers.0.") for n in layer0)
-
-
-# -----------------------------------------------------------------------------
-# vLLM: only where it can run
-
-
-def gpu_model_dir(out):
-    """A tiny model whose heads vLLM's attention kernels accept (head_dim 64), with peaked random weights."""
-    path = M.build_tiny(str(out), hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                        num_key_value_heads=2, vision_hidden_size=128, vision_num_heads=2, vision_intermediate_size=256)
-    perturb(M.QwenVL.from_pretrained(path), 0.2, seed=0).save_pretrained(path)
-    return path
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-                    reason="needs vllm and a CUDA GPU")
-def test_vllm_image_generation_weight_sync_and_sleep(tmp_path):
-    path = gpu_model_dir(tmp_path / "m")
-    tok = M.load_tokenizer(path)
-    model = M.QwenVL.from_pretrained(path, device="cuda", dtype=torch.bfloat16).eval()
-    eng = VLLMEngine(model, tok, path, gpu_memory_utilization=0.2, max_model_len=2048, enforce_eager=True)
-    prompt = [PROMPTS[1]]
-    gen = lambda: eng.generate(prompt, n=2, temperature=1.0, max_tokens=16, seed=0)[0]  # noqa: E731
-    ids = lambda group: [c.token_ids for c in group]  # noqa: E731
-
-    def gap(group):
-        with torch.no_grad():
-            return logprob_gap(group, [trainer_logprobs(model, tok, prompt[0], c, 1.0).float().cpu() for c in group])
-
-    a = gen()
-    assert gap(a) < 0.1, "vLLM and model.py disagree on the same checkpoint"
-    perturb(model, 0.1, seed=2)  # text and vision weights: a stale encoder cache would show up in the gap
-    eng.sync_weights(model)
-    b = gen()
-    assert ids(b) != ids(a)
-    assert gap(b) < 0.1, "after sync_weights vLLM does not follow the new weights"
-    eng.sleep()  # level 1: the synced weights go to CPU and must come back, not the checkpoint's
-    assert ids(gen()) == ids(b)
-    eng.sleep_level = 2
-    eng.sleep()
-    eng.sync_weights(model)  # level 2 dropped the weights: the sync rewrites them
-    assert ids(gen()) == ids(b)
-    assert eng.stats["sync_s"] > 0
+    stream = list(hf_weights(model, dtype=torch.bfloat16))
+    assert [n for n, _ in stream] == [n for n, _ in model.hf_state_dict()]
+    assert all(t.dtype == torch.bfloat16 for _, t in stream)
