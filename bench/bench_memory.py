@@ -10,6 +10,9 @@ three ways side by side:
     python bench/bench_memory.py                      # ~100M-parameter model, bf16 on disk, fp32 in memory
     python bench/bench_memory.py --nproc=2 --port=29620 --model_dir=/tmp/bench_mem_100m
 
+Then each rank times one training step (forward + backward of a 512-token text row, best of 3) on the model
+it loaded, so the table also shows that the way of loading changes nothing about the step ("step full/slice").
+
 "peak" is ru_maxrss of each rank after loading; "base" is the same right before the model is built
 (interpreter, torch, process group, and FSDP2's code, which its first call imports: ~100 MiB), so
 peak - base ("load") is what loading cost. Pages of the mmapped safetensors count while mapped, as in RSS.
@@ -19,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -61,6 +65,7 @@ def worker(mode, path):
     fully_shard(torch.nn.Linear(8, 8, device="meta"), mesh=mesh)  # the first call imports ~100 MiB of code
     dist.barrier()
     base = peak_mib()
+    t0 = time.time()
 
     def shard(m):
         for layer in m.model.layers:
@@ -84,10 +89,19 @@ def worker(mode, path):
                 start, end = M.local_rows(p.shape[0], rank, world)
                 p.to_local().copy_(full[start:end])
                 del full
+    load_s, peak = time.time() - t0, peak_mib()
     n = sum(p.numel() for p in model.parameters())
     local = sum(p.to_local().numel() for p in model.parameters())
+    ids = torch.randint(0, 16000, (1, 513), generator=torch.Generator().manual_seed(rank))
+    step_s = float("inf")
+    for _ in range(3):  # one training step: logp of the next tokens, backward; best of 3
+        t = time.time()
+        model(ids[:, :-1], targets=ids[:, 1:]).mean().neg().backward()
+        model.zero_grad(set_to_none=True)
+        step_s = min(step_s, time.time() - t)
     rows = [None] * world  # rank 0 prints every rank's line (lines of two processes would interleave)
-    dist.all_gather_object(rows, dict(mode=mode, rank=rank, base=base, peak=peak_mib(), params=n, local=local))
+    dist.all_gather_object(rows, dict(mode=mode, rank=rank, base=base, peak=peak, params=n, local=local,
+                                      load_s=load_s, step_s=step_s))
     if rank == 0:
         print("\n".join(json.dumps(r) for r in rows), flush=True)
     dist.barrier()
@@ -114,6 +128,11 @@ def main(nproc=2, port=29620, model_dir="/tmp/bench_mem_100m"):
         load = [c["peak"] - c["base"] for c in cells]
         print(f"{rank:>4}  " + "  ".join(f"{c['peak']:>10.0f} / {d:>6.0f} MiB" for c, d in zip(cells, load))
               + f"  x{load[0] / max(load[-1], 1):.2f}")
+    print(f"{'rank':>4}  " + "  ".join(f"{m + ' load s / step s':>24}" for m in MODES) + "  step full/slice")
+    for rank in range(nproc):
+        cells = [results[m][rank] for m in MODES]
+        print(f"{rank:>4}  " + "  ".join(f"{c['load_s']:>13.2f} / {c['step_s']:>6.3f}" for c in cells)
+              + f"  x{cells[0]['step_s'] / cells[-1]['step_s']:.2f}")
 
 
 if __name__ == "__main__":

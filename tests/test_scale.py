@@ -255,7 +255,9 @@ def test_rl_keeps_hf_exports_past_keep_last(tiny_model_dir, tmp_path):
     r = subprocess.run([sys.executable, "rl.py", f"--init_from={tiny_model_dir}", f"--data_path={tmp_path / 'toy.jsonl'}",
                         f"--out_dir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert sorted(os.listdir(out / "ckpt")) == ["latest", "step_000003"]
+    # keep_last=1, plus step_000002: the newest checkpoint marked GOOD (a step ran after it), which keep_last
+    # never deletes (the final step_000003 has no step after it to vouch for it)
+    assert sorted(os.listdir(out / "ckpt")) == ["latest", "step_000002", "step_000003"]
     assert sorted(d for d in os.listdir(out) if d.startswith("hf_")) == ["hf_step_000002", "hf_step_000003"]
     # the last kept export is the final model; the averaging command takes the kept exports
     final, last = file_tensors(str(out / "hf")), file_tensors(str(out / "hf_step_000003"))
