@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from reward import compute_reward, hybrid_rewards, judge_batch, judge_call, needs_judge
+from reward import compute_reward, hybrid_rewards, judge_batch, judge_call, judge_equiv, needs_judge
 from test_rl import TOY, toy  # noqa: F401 (a fixture: the toy model that answers \\boxed{d})
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +198,29 @@ def test_deadline_ends_retries(url):
     # each attempt may take 30 s and there are 5 retries, but the deadline is 0.5 s away: one short attempt
     v, why, _ = judge_call("q", "a", "b", url, "sleep3", timeout=30.0, retries=5, deadline=time.monotonic() + 0.5)
     assert v is None and why in ("timeout", "deadline") and Fault.requests == 1
+
+
+def test_compute_reward_asks_the_judge_only_for_free_form_golds(url, caplog):
+    # compute_reward's single-call path (reward.py copied alone): off by default, one call for a free-form gold
+    # the rules reject, none for a rule-checkable gold, and no verdict is reward 0 with one log line
+    free, resp = "the train leaves because the bridge is closed", "<think>...</think> \\boxed{\\text{the bridge was closed}}"
+    judge = lambda mode: dict(url=url, model=mode, timeout=0.5, retries=0)  # noqa: E731
+    assert compute_reward(resp, free) == 0.0
+    assert compute_reward(resp, free, judge=judge("yes"), question="Why?") == 1.0
+    reset()
+    assert compute_reward("\\boxed{5}", "4", judge=judge("yes")) == 0.0 and Fault.requests == 0
+    assert compute_reward(resp, free, judge=judge("no")) == 0.0
+    for mode in ("garbage", "error", "badjson", "sleep1.5"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="reward"):
+            assert compute_reward(resp, free, judge=judge(mode)) == 0.0
+        assert any("reward judge" in r.getMessage() for r in caplog.records), mode
+
+
+def test_judge_equiv_on_a_closed_port_is_a_log_line(caplog):
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        assert judge_equiv("q", "a", "b", url=closed_port_url(), model="m", timeout=0.5, retries=0) is False
+    assert "reward judge" in caplog.text
 
 
 def test_batch_runs_concurrently_and_bounded(url):

@@ -1,23 +1,20 @@
 """reward.py: the equivalence rule table, extraction, hostile inputs (bounded time in threads and
-processes, no evaluation of model text), the RL reward and the hybrid judge against a local server.
+processes, no evaluation of model text) and the RL reward (its judge: tests/test_judge.py).
 The expected verdicts below are written from the rules in the issue, by hand."""
 import builtins
 import concurrent.futures
-import http.server
 import json
-import logging
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import sympy
 
 import reward
-from reward import batch_rewards, compute_reward, extract_answer, is_equiv, judge_equiv
+from reward import batch_rewards, compute_reward, extract_answer, is_equiv
 
 T, F = True, False
 
@@ -519,66 +516,3 @@ def test_cli():
     no_torch = subprocess.run([sys.executable, "-c", "import reward, sys; assert 'torch' not in sys.modules"],
                               cwd=root, capture_output=True, timeout=60)
     assert no_torch.returncode == 0
-
-
-# -----------------------------------------------------------------------------
-# hybrid reward: a judge behind an OpenAI-compatible endpoint, here a local stub server
-
-class _Judge(http.server.BaseHTTPRequestHandler):
-    mode = "yes"
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert body["messages"][0]["content"].count("<<<") == 1
-        if _Judge.mode == "slow":
-            time.sleep(1.5)
-        if _Judge.mode == "error":
-            self.send_response(500)
-            self.end_headers()
-            return
-        content = {"yes": "YES", "no": "No.", "garbage": "maybe?"}.get(_Judge.mode, "YES")
-        reply = b"not json" if _Judge.mode == "badjson" else json.dumps(
-            {"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        try:
-            self.wfile.write(reply)
-        except BrokenPipeError:  # the client gave up first (the "slow" case)
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def judge_url():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-
-
-def test_judge_only_for_free_form_golds(judge_url, caplog):
-    judge = dict(url=judge_url, model="stub", timeout=0.5)
-    free = "the train leaves because the bridge is closed"
-    resp = "<think>...</think> \\boxed{\\text{the bridge was closed}}"
-    assert compute_reward(resp, free) == 0.0                   # off by default
-    _Judge.mode = "yes"
-    assert compute_reward(resp, free, judge=judge, question="Why?") == 1.0
-    assert compute_reward("\\boxed{5}", "4", judge=judge) == 0.0  # rule-checkable gold: never asks the judge
-    _Judge.mode = "no"
-    assert compute_reward(resp, free, judge=judge) == 0.0
-    for mode in ("garbage", "error", "badjson", "slow"):
-        _Judge.mode = mode
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="reward"):
-            assert compute_reward(resp, free, judge=judge) == 0.0
-        assert any("reward judge" in r.getMessage() for r in caplog.records), mode
-    _Judge.mode = "yes"
-
-
-def test_judge_unreachable_endpoint_is_a_log_line(caplog):
-    with caplog.at_level(logging.WARNING, logger="reward"):
-        assert judge_equiv("q", "a", "b", url="http://127.0.0.1:9/v1", model="m", timeout=0.5) is False
-    assert "reward judge" in caplog.text
