@@ -311,14 +311,18 @@ def next_mixed(k, state, sources, rank, world):
 
 
 def source_sums(groups, names):
-    """Response count, reward sum and correct count per data source, with every name present (the same keys on
-    every rank, for one all-reduce)."""
-    out = {f"{k}/{name}": 0.0 for name in names for k in ("n", "reward", "correct")}
+    """Response count, reward sum, correct count and responses showing each behaviour per data source, with every
+    name present (the same keys on every rank, for one all-reduce)."""
+    keys = ["n", "reward", "correct"] + [f"behaviour/{b}" for b in ev.BEHAVIOURS]
+    out = {f"{k}/{name}": 0.0 for name in names for k in keys}
     for g in groups:
         name = g["problem"]["mix_source"]
         out[f"n/{name}"] += len(g["rewards"])
         out[f"reward/{name}"] += sum(g["rewards"])
         out[f"correct/{name}"] += sum(c > 0 for c in g["correct"])
+        for c in g["completions"]:
+            for b, k in ev.detect_behaviours(c.text).items():
+                out[f"behaviour/{b}/{name}"] += k > 0
     return out
 
 
@@ -759,6 +763,7 @@ def main():
                 if n_src:  # a source no prompt came from this step gets no reward entry
                     m[f"source/{name}/reward_mean"] = per[f"reward/{name}"] / n_src
                     m[f"source/{name}/accuracy"] = per[f"correct/{name}"] / n_src
+                    m.update({f"source/{name}/behaviour/{b}": per[f"behaviour/{b}/{name}"] / n_src for b in ev.BEHAVIOURS})
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -364,12 +365,19 @@ def test_load_sources_weights_and_next_mixed(tmp_path):
 
 
 def test_source_sums_by_hand():
-    groups = [{"problem": {"mix_source": "text"}, "rewards": [1.0, 0.0, 1.0], "correct": [1.0, 0.0, 1.0]},
-              {"problem": {"mix_source": "image"}, "rewards": [0.1, 0.1, 0.0], "correct": [0.0, 0.0, 0.0]},
-              {"problem": {"mix_source": "text"}, "rewards": [0.0, 0.0, 1.0], "correct": [0.0, 0.0, 1.0]}]
+    c = lambda text: types.SimpleNamespace(text=text)  # noqa: E731
+    groups = [{"problem": {"mix_source": "text"}, "rewards": [1.0, 0.0, 1.0], "correct": [1.0, 0.0, 1.0],
+               "completions": [c("Let me verify: 2 + 3 = 5."), c("5"), c("Wait, that is wrong. Let me verify it.")]},
+              {"problem": {"mix_source": "image"}, "rewards": [0.1, 0.1, 0.0], "correct": [0.0, 0.0, 0.0],
+               "completions": [c("Let me look at the picture again."), c("3"), c("4")]},
+              {"problem": {"mix_source": "text"}, "rewards": [0.0, 0.0, 1.0], "correct": [0.0, 0.0, 1.0],
+               "completions": [c("1"), c("2"), c("3")]}]
     got = rl.source_sums(groups, ["text", "image", "unused"])
+    beh = {f"behaviour/{b}/{name}": 0 for b in ev.BEHAVIOURS for name in ("text", "image", "unused")}
+    beh.update({"behaviour/verification/text": 2, "behaviour/backtracking/text": 1,
+                "behaviour/visual_reflection/image": 1})  # responses showing each, counted by hand
     assert got == {"n/text": 6, "reward/text": 3.0, "correct/text": 3, "n/image": 3, "reward/image": pytest.approx(0.2),
-                   "correct/image": 0, "n/unused": 0, "reward/unused": 0, "correct/unused": 0}
+                   "correct/image": 0, "n/unused": 0, "reward/unused": 0, "correct/unused": 0} | beh
 
 
 @pytest.mark.slow
@@ -394,4 +402,5 @@ def test_mixed_text_and_image_rl_run_logs_per_source_reward(tiny_model_dir, tmp_
         for s in ("orz", "geoqa"):
             if r[f"source/{s}/responses"]:
                 assert 0.0 <= r[f"source/{s}/reward_mean"] <= 1.0 and f"source/{s}/accuracy" in r
+                assert 0.0 <= r[f"source/{s}/behaviour/verification"] <= 1.0
     assert sum(r["source/geoqa/responses"] for r in m) > 0 and sum(r["source/orz/responses"] for r in m) > 0
