@@ -458,6 +458,29 @@ def plot(run_dirs, out_path):
     plt.close(fig)
     return out_path
 
+
+def plot_behaviours(panels, out_path):
+    """Behaviour rates along training, as OVR's Figure 5. panels: [(title, xlabel, points, keys)], points
+    [(x, tick label or None, {key: value})], one line per key (values None are left out). Into one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, xlabel, points, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(x, r[k]) for x, _, r in points if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="o" if len(pts) < 10 else None, markersize=3)
+        if any(label for _, label, _ in points):
+            ax.set_xticks([x for x, _, _ in points])
+            ax.set_xticklabels([label or str(x) for x, label, _ in points], fontsize=7)
+        ax.set(title=title, xlabel=xlabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
 # -----------------------------------------------------------------------------
 
 
