@@ -227,6 +227,14 @@ def test_markdown_table_and_plot_cli(tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_behaviours_writes_one_png_and_skips_missing_values(tmp_path):
+    stages = [(0, "base", {"a": 0.0, "ratio": None}), (1, "cold start", {"a": 0.5, "ratio": 0.1})]
+    along = [(s, None, {"a": 0.1 * s, "b": None if s % 2 else 0.2}) for s in range(12)]
+    out = ev.plot_behaviours([("stages", "stage", stages, ["a", "ratio"]), ("RL", "step", along, ["a", "b", "c"])],
+                             str(tmp_path / "b.png"))
+    assert out == str(tmp_path / "b.png") and open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tiny_model_end_to_end(tmp_path, request):
     # the real engine on the tiny model (a few seconds): scores are ~0, the point is that every piece connects
     rollout = pytest.importorskip("rollout")
