@@ -205,11 +205,58 @@ def orz(tmp):
                                                                 ("Solve $x^2=4$, $x>0$.", "2", None, None)]
 
 
+def geos(tmp):
+    # lmms-lab/LLaVA-OneVision-Data GEOS(MathV360K)/train-00000-of-00001.parquet: id, image, conversations, data_source;
+    # MathV360K's turns: "<image>\nHint: ...\nQuestion: ..." and "The answer is X"
+    a, b = png((30, 60, 90)), png((90, 60, 30))
+    hint = "<image>\nHint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+    q1 = "In the diagram, AB = BC. What is x?\nChoices:\n(A) 30\n(B) 45\n(C) 60\n(D) 90"
+    rows = [{"id": "identity_1", "image": {"bytes": a, "path": None}, "data_source": "GEOS(MathV360K)",
+             "conversations": [{"from": "human", "value": hint + "Question: " + q1}, {"from": "gpt", "value": "The answer is B"}]},
+            {"id": "identity_2", "image": {"bytes": b, "path": None}, "data_source": "GEOS(MathV360K)",
+             "conversations": [{"from": "human", "value": "<image>\nHint: Please answer the question requiring an integer "
+                                "answer and provide the final value, e.g., 1, 2, 3, at the end.\nQuestion: What is the area "
+                                "of the square?"}, {"from": "gpt", "value": "The answer is 16"}]},
+            {"id": "identity_3", "image": {"bytes": b, "path": None}, "data_source": "GEOS(MathV360K)",
+             "conversations": [{"from": "human", "value": "<image>\nFind y."}, {"from": "gpt", "value": "y is 3"}]}]
+    return [parquet(tmp / "LLaVA-OneVision-Data/GEOS(MathV360K)/train-00000-of-00001.parquet", rows)], \
+        [(q1, "B", None, a), ("What is the area of the square?", "16", None, b)]
+
+
+def atomthink_turn(question, steps):
+    # AtomThink's prompt (github Quinn777/AtomThink src/llamafactory/evaluation/utils/prompts.py) with <image> in front
+    return (f"<image>\nTHE GIVEN QUESTION:\n{question}\nAnswer the question using a single word or phrase.\n\n"
+            f"HISTORICAL REASONING STEPS:\n{steps}\n\nYour task is to predict the next step of reasoning ...")
+
+
+def atomthink(tmp):
+    # HF Quinn777/AMATH-SFT: AMATH-SFT.json (sharegpt: image, conversations; one record per atomic step) and
+    # images.zip unpacked to images/. Two problems share an image; one has no final step.
+    d = tmp / "AMATH-SFT"
+    for sub, color in (("geo", (5, 100, 5)), ("clevr", (100, 5, 5))):
+        (d / "images" / sub).mkdir(parents=True)
+        Image.new("RGB", (32, 24), color).save(d / "images" / sub / "1.png")
+    q1, q2, q3 = "As shown, find angle ABC.\nChoices:\n(A) 30°\n(B) 60°", "How many cubes are left?", "Find AB."
+    step = lambda image, q, steps, out: {"image": image, "conversations": [  # noqa: E731
+        {"from": "human", "value": atomthink_turn(q, steps)}, {"from": "gpt", "value": out}]}
+    records = [step("geo/1.png", q1, "Step 1: a.\n\nStep 2: b.", "To sum up, the final answer is: B."),
+               step("geo/1.png", q1, "Step 1: a.", "Step 2: b."),
+               step("geo/1.png", q1, "", "Step 1: a."),
+               step("clevr/1.png", q2, "", "Step 1: there are 5 cubes, 2 are removed."),
+               step("geo/1.png", q3, "", "Step 1: AB is a side."),
+               step("clevr/1.png", q2, "Step 1: there are 5 cubes, 2 are removed.", "To sum up, the final answer is: 3")]
+    (d / "AMATH-SFT.json").write_text(json.dumps(records))
+    return [str(d / "AMATH-SFT.json")], [(q1, "B", None, d / "images/geo/1.png"), (q2, "3", None, d / "images/clevr/1.png")]
+
+
 RL_SETS = {"geometry3k": hf_geometry3k, "geoqa": geoqa, "mmk12": mmk12, "scienceqa": scienceqa, "chartqa": chartqa,
            "puzzlevqa": lambda t: puzzle(t, "PuzzleVQA"), "algopuzzlevqa": lambda t: puzzle(t, "AlgoPuzzleVQA"),
-           "pixmo_count": pixmo_count, "tqa": tqa, "geometry3k_intergps": geometry3k_intergps, "iconqa": iconqa, "orz": orz}
+           "pixmo_count": pixmo_count, "tqa": tqa, "geometry3k_intergps": geometry3k_intergps, "iconqa": iconqa, "orz": orz,
+           "geos": geos, "atomthink": atomthink}
 DROPPED = {"geoqa": {"no <answer> tag in the solution": 1, "image missing or unreadable": 1}, "pixmo_count": {"image missing or unreadable": 1},
-           "iconqa": {"choose_img: the options are pictures": 1}, "orz": {"empty question or answer": 1}}
+           "iconqa": {"choose_img: the options are pictures": 1}, "orz": {"empty question or answer": 1},
+           "geos": {"no 'The answer is ...' in the gpt turn": 1},
+           "atomthink": {"no final step ('To sum up, the final answer is')": 1}}
 
 
 @pytest.mark.parametrize("name", sorted(RL_SETS))
