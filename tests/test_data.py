@@ -271,6 +271,22 @@ def test_rl_set_converts_and_loads(name, tmp_path):
     assert manifest["rows"] == len(expected) + sum(manifest["dropped"].values())
 
 
+def test_atomthink_data_engine_layout(tmp_path):
+    # the records as AtomThink's data engine writes them (github Quinn777/AtomThink, data_engine/generate_with_gt.py
+    # at 5bb7f3e): final_input_prompt, image, conversations, answer; the prompt without "THE GIVEN QUESTION:"
+    d = tmp_path / "AtomMATH"
+    (d / "images").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (7, 77, 177)).save(d / "images" / "42.png")
+    prompt = "<image>\nWhat is the perimeter?\nAnswer the question using a single word or phrase."
+    records = [{"final_input_prompt": prompt, "image": "42.png", "answer": "24",
+                "conversations": [{"from": "human", "value": f"{prompt}\n\nHISTORICAL REASONING STEPS:\n{h}\n\nYour task ..."},
+                                  {"from": "gpt", "value": g}]}
+               for h, g in (("Step 1: the side is 6.", "Step 2: 4 * 6 = 24."), ("", "Step 1: the side is 6."))]
+    (d / "AMATH-SFT.json").write_text(json.dumps(records))
+    run("data/prepare_rl.py", "atomthink", str(d / "AMATH-SFT.json"), str(tmp_path / "rl" / "atomthink.jsonl"))
+    check(rl.load_data(str(tmp_path / "rl" / "atomthink.jsonl")), [("What is the perimeter?", "24", None, d / "images/42.png")])
+
+
 def test_same_shard_names_never_share_images_or_ids(tmp_path):
     # geoqa and mmk12 shards are both train-00000-of-00001.parquet; converted into one folder, and a third call
     # with two same-named geometry3k shards: every image stays its own row's, every id is unique
