@@ -82,8 +82,8 @@ LAYOUTS = {
     # every text in .processedText; tqa_questions flattens them into the columns named here
     "tqa": dict(q="question", a="answer", a_is="key", images="image", choices="choices", id="id", flatten="tqa"),
     # Geos (Seo et al. 2015) as bundled in MathV360K (Math-LLaVA) and republished with the images inside by
-    # lmms-lab/LLaVA-OneVision-Data (HF), GEOS(MathV360K)/train-00000-of-00001.parquet, 498 rows: id, image {bytes,path},
-    # conversations [{from: human, value: "<image>\nHint: ...\nQuestion: ...\nChoices: ..."}, {from: gpt, value:
+    # lmms-lab/LLaVA-OneVision-Data (HF), GEOS(MathV360K)/train-00000-of-00001.parquet, 498 rows: id, image
+    # {bytes,path}, conversations [{from: human, value: "<image>\nHint: ...\nQuestion: ...\nChoices: ..."}, {from: gpt, value:
     # "The answer is B"}], data_source. (The columns are the card's; the MathV360K wording of the turns is from
     # rows of other MathV360K subsets, not from a GEOS row.) llava_answers reads the turns; the options stay inside
     # the question and the answer is their letter, as in MMK12's test split.
@@ -218,7 +218,7 @@ def find_image(im, src_dir, out_root, name, layout):
         path = os.path.join(src_dir, layout["images"])
     elif name == "pixmo_count":  # the images column holds the sha256 of a downloaded image
         path = downloaded(os.path.join(src_dir, "images")).get(im, "")
-    else:  # a relative path: next to the input file, in its image_dir, or one folder up (repos keep images beside data/)
+    else:  # a relative path: next to the input, in its image_dir, or one folder up (repos keep images beside data/)
         where = [src_dir, os.path.join(src_dir, layout.get("image_dir", "")), os.path.dirname(src_dir)]
         path = next((p for p in (os.path.join(d, im) for d in where) if os.path.exists(p)), os.path.join(src_dir, im))
     return os.path.relpath(path, out_root) if os.path.exists(path) else None
