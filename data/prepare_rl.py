@@ -83,17 +83,17 @@ LAYOUTS = {
     "tqa": dict(q="question", a="answer", a_is="key", images="image", choices="choices", id="id", flatten="tqa"),
     # Geos (Seo et al. 2015) as bundled in MathV360K (Math-LLaVA) and republished with the images inside by
     # lmms-lab/LLaVA-OneVision-Data (HF), GEOS(MathV360K)/train-00000-of-00001.parquet, 498 rows: id, image
-    # {bytes,path}, conversations [{from: human, value: "<image>\nHint: ...\nQuestion: ...\nChoices: ..."}, {from: gpt, value:
-    # "The answer is B"}], data_source. (The columns are the card's; the MathV360K wording of the turns is from
-    # rows of other MathV360K subsets, not from a GEOS row.) llava_answers reads the turns; the options stay inside
-    # the question and the answer is their letter, as in MMK12's test split.
+    # {bytes,path}, conversations [{from: human, value: "<image>\nHint: ...\nQuestion: ...\nChoices: ..."},
+    # {from: gpt, value: "The answer is B"}], data_source. (The columns are the card's; the MathV360K wording of the
+    # turns is from rows of other MathV360K subsets, not from a GEOS row.) llava_answers reads the turns; the
+    # options stay inside the question and the answer is their letter, as in MMK12's test split.
     "geos": dict(q="question", a="answer", images="image", id="id", flatten="llava"),
     # AtomThink's AMATH-SFT (HF Quinn777/AMATH-SFT, AMATH-SFT.json + images.zip unpacked to images/ beside it; the
     # older Quinn777/AtomMATH-SFT alike): a JSON array in LLaMA-Factory's sharegpt layout (github Quinn777/AtomThink
     # data/dataset_info.json: messages in "conversations" with from/value/human/gpt, images in "image"), one record
     # per atomic step: the human turn holds the question (src/llamafactory/evaluation/utils/prompts.py:
     # "THE GIVEN QUESTION:\n{q}\nAnswer the question using a single word or phrase.\n\nHISTORICAL REASONING
-    # STEPS: ...") and the record of the last step answers "To sum up, the final answer is: X" (the records are
+    # STEPS: ...") and the record of the last step answers "Step n: To sum up, the final answer is: X" (the records are
     # written by data_engine/generate_with_gt.py at commit 5bb7f3e, which also stores "answer"). atomthink_problems
     # keeps one problem per (image, question).
     "atomthink": dict(q="question", a="answer", images="image", id="id", flatten="atomthink", image_dir="images"),
@@ -174,7 +174,8 @@ def atomthink_problems(records):
         q = q.split("Answer the question using a single word or phrase.")[0].strip()
         p = problems.setdefault((json.dumps(r.get("image")), q), {"id": i, "question": q, "image": r.get("image"),
                                                                   "answer": r.get("answer")})
-        m = re.match(r"\s*To sum up, the final answer is:?\s*(.+?)\.?\s*$", turns.get("gpt", ""), re.I | re.S)
+        m = re.match(r"\s*(?:Step \d+:\s*)?To sum up, the final answer is:?\s*(.+?)\.?\s*$", turns.get("gpt", ""),
+                     re.I | re.S)  # figures/asft1.png (commit 9bfc5db): "Step 7: To sum up, the final answer is: A."
         if m and p["answer"] in (None, ""):
             p["answer"] = m.group(1)
     for p in problems.values():

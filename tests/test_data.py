@@ -231,7 +231,8 @@ def atomthink_turn(question, steps):
 
 def atomthink(tmp):
     # HF Quinn777/AMATH-SFT: AMATH-SFT.json (sharegpt: image, conversations; one record per atomic step) and
-    # images.zip unpacked to images/. Two problems share an image; one has no final step.
+    # images.zip unpacked to images/. Two problems share an image; one has no final step. The last step as in the
+    # repo's figures/asft1.png ("Step 7: To sum up, the final answer is: A.") and as its prompt asks (no "Step n:").
     d = tmp / "AMATH-SFT"
     for sub, color in (("geo", (5, 100, 5)), ("clevr", (100, 5, 5))):
         (d / "images" / sub).mkdir(parents=True)
@@ -239,7 +240,7 @@ def atomthink(tmp):
     q1, q2, q3 = "As shown, find angle ABC.\nChoices:\n(A) 30°\n(B) 60°", "How many cubes are left?", "Find AB."
     step = lambda image, q, steps, out: {"image": image, "conversations": [  # noqa: E731
         {"from": "human", "value": atomthink_turn(q, steps)}, {"from": "gpt", "value": out}]}
-    records = [step("geo/1.png", q1, "Step 1: a.\n\nStep 2: b.", "To sum up, the final answer is: B."),
+    records = [step("geo/1.png", q1, "Step 1: a.\n\nStep 2: b.", "Step 3: To sum up, the final answer is: B."),
                step("geo/1.png", q1, "Step 1: a.", "Step 2: b."),
                step("geo/1.png", q1, "", "Step 1: a."),
                step("clevr/1.png", q2, "", "Step 1: there are 5 cubes, 2 are removed."),
