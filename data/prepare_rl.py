@@ -21,6 +21,8 @@ Every run writes OUT.manifest.json next to OUT: the inputs, counts, and the drop
     python data/prepare_rl.py iconqa raw/iconqa_data/iconqa/train data/rl/iconqa.jsonl
     python data/prepare_rl.py pixmo_count raw/pixmo-count/data/train-*.parquet data/rl/pixmo_count.jsonl
     python data/prepare_rl.py tqa raw/tqa/train/tqa_v1_train.json data/rl/tqa.jsonl
+    python data/prepare_rl.py geos "raw/LLaVA-OneVision-Data/GEOS(MathV360K)/train-00000-of-00001.parquet" data/rl/geos.jsonl
+    python data/prepare_rl.py atomthink raw/AMATH-SFT/AMATH-SFT.json data/rl/atomthink.jsonl
     python data/prepare_rl.py orz raw/Open-Reasoner-Zero/data/orz_math_57k_collected.json data/rl/orz_57k.jsonl
 Then mix them in rl.py (data_path="a.jsonl,b.jsonl", data_weights=[...]) and drop the problems the starting
 model always or never solves: data/filter_difficulty.py. Needs pyarrow for parquet (pip install pyarrow).
@@ -42,6 +44,8 @@ LETTERS = "ABCDEFGHIJ"
 #     "key" (an option key such as "b" -> letter), "tag" (the text inside <answer>...</answer>), "first" (a list's first)
 #   q_from: a template over the row's columns when the dataset has no question column
 #   context: a column prepended to the question when non-empty
+#   flatten: the function (FLATTEN below) that turns the published records into one row per problem first
+#   image_dir: a folder next to the input that image paths are relative to
 LAYOUTS = {
     # hiyouga/geometry3k (HF, EasyR1's copy of Geometry3K): images [{bytes,path}], problem with <image>, answer;
     # newer revisions add id and choices
@@ -76,7 +80,23 @@ LAYOUTS = {
     # of lessons whose questions sit in questions.{nonDiagramQuestions,diagramQuestions}.<id> as {beingAsked,
     # answerChoices.<a, b, ...>, correctAnswer (the option key), imagePath (diagram questions, from the split folder)},
     # every text in .processedText; tqa_questions flattens them into the columns named here
-    "tqa": dict(q="question", a="answer", a_is="key", images="image", choices="choices", id="id", nested=True),
+    "tqa": dict(q="question", a="answer", a_is="key", images="image", choices="choices", id="id", flatten="tqa"),
+    # Geos (Seo et al. 2015) as bundled in MathV360K (Math-LLaVA) and republished with the images inside by
+    # lmms-lab/LLaVA-OneVision-Data (HF), GEOS(MathV360K)/train-00000-of-00001.parquet, 498 rows: id, image
+    # {bytes,path}, conversations [{from: human, value: "<image>\nHint: ...\nQuestion: ...\nChoices: ..."},
+    # {from: gpt, value: "The answer is B"}], data_source. (The columns are the card's; the MathV360K wording of the
+    # turns is from rows of other MathV360K subsets, not from a GEOS row.) llava_answers reads the turns; the
+    # options stay inside the question and the answer is their letter, as in MMK12's test split.
+    "geos": dict(q="question", a="answer", images="image", id="id", flatten="llava"),
+    # AtomThink's AMATH-SFT (HF Quinn777/AMATH-SFT, AMATH-SFT.json + images.zip unpacked to images/ beside it; the
+    # older Quinn777/AtomMATH-SFT alike): a JSON array in LLaMA-Factory's sharegpt layout (github Quinn777/AtomThink
+    # data/dataset_info.json: messages in "conversations" with from/value/human/gpt, images in "image"), one record
+    # per atomic step: the human turn holds the question (src/llamafactory/evaluation/utils/prompts.py:
+    # "THE GIVEN QUESTION:\n{q}\nAnswer the question using a single word or phrase.\n\nHISTORICAL REASONING
+    # STEPS: ...") and the record of the last step answers "Step n: To sum up, the final answer is: X" (the records are
+    # written by data_engine/generate_with_gt.py at commit 5bb7f3e, which also stores "answer"). atomthink_problems
+    # keeps one problem per (image, question).
+    "atomthink": dict(q="question", a="answer", images="image", id="id", flatten="atomthink", image_dir="images"),
     # Open-Reasoner-Zero data/orz_math_57k_collected.json (and orz_math_72k_collection_extended.json,
     # orz_math_13k_collection_hard.json): one JSON array of pairs
     # [{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}]; text only
@@ -132,6 +152,39 @@ def tqa_questions(lessons):
                        "answer": q["correctAnswer"]["processedText"], "image": q.get("imagePath")}
 
 
+def llava_answers(records):
+    """One-question LLaVA records (MathV360K's) -> flat rows: the human turn without MathV360K's "Hint: ..." line
+    (the RL template asks for the answer its own way), and the answer from the gpt turn's "The answer is X"."""
+    for r in records:
+        turns = {c.get("from"): c.get("value") or "" for c in reversed(r.get("conversations") or [])}  # first of each
+        q = re.sub(r"^\s*(<image>\s*)?Hint:[^\n]*\n(Question:\s*)?", "", turns.get("human", ""))
+        m = re.fullmatch(r"\s*(?:the answer is|answer\s*:)\s*(.+?)\.?\s*", turns.get("gpt", ""), re.I | re.S)
+        a = re.sub(r"^\(([A-Z])\)$", r"\1", m.group(1).strip()) if m else None  # "(B)" -> "B"
+        yield dict(r, question=q, answer=a, **({} if m else {"_drop": "no 'The answer is ...' in the gpt turn"}))
+
+
+def atomthink_problems(records):
+    """AMATH-SFT's step records -> one row per (image, question), its answer from the record whose gpt turn is the
+    last step ("To sum up, the final answer is: X"), or the record's own "answer" field where it has one."""
+    problems = {}
+    for i, r in enumerate(records):
+        turns = {c.get("from"): c.get("value") or "" for c in reversed(r.get("conversations") or [])}
+        q = r.get("question") or turns.get("human", "").replace("<image>", "")
+        q = q.split("HISTORICAL REASONING STEPS:")[0].replace("THE GIVEN QUESTION:", "")
+        q = q.split("Answer the question using a single word or phrase.")[0].strip()
+        p = problems.setdefault((json.dumps(r.get("image")), q), {"id": i, "question": q, "image": r.get("image"),
+                                                                  "answer": r.get("answer")})
+        m = re.match(r"\s*(?:Step \d+:\s*)?To sum up, the final answer is:?\s*(.+?)\.?\s*$", turns.get("gpt", ""),
+                     re.I | re.S)  # figures/asft1.png (commit 9bfc5db): "Step 7: To sum up, the final answer is: A."
+        if m and p["answer"] in (None, ""):
+            p["answer"] = m.group(1)
+    for p in problems.values():
+        yield p if p["answer"] not in (None, "") else dict(p, _drop="no final step ('To sum up, the final answer is')")
+
+
+FLATTEN = {"tqa": tqa_questions, "llava": llava_answers, "atomthink": atomthink_problems}
+
+
 def save_image(data, out_root, name):
     """Image bytes -> images/<name>/<sha1>.<ext> under out_root (content-addressed: no collisions, no duplicates)."""
     from PIL import Image, UnidentifiedImageError
@@ -166,9 +219,9 @@ def find_image(im, src_dir, out_root, name, layout):
         path = os.path.join(src_dir, layout["images"])
     elif name == "pixmo_count":  # the images column holds the sha256 of a downloaded image
         path = downloaded(os.path.join(src_dir, "images")).get(im, "")
-    else:  # a relative path: next to the input file, or one folder up (the repo keeps images beside data/)
-        path = next((p for p in (os.path.join(src_dir, im), os.path.join(os.path.dirname(src_dir), im))
-                     if os.path.exists(p)), os.path.join(src_dir, im))
+    else:  # a relative path: next to the input, in its image_dir, or one folder up (repos keep images beside data/)
+        where = [src_dir, os.path.join(src_dir, layout.get("image_dir", "")), os.path.dirname(src_dir)]
+        path = next((p for p in (os.path.join(d, im) for d in where) if os.path.exists(p)), os.path.join(src_dir, im))
     return os.path.relpath(path, out_root) if os.path.exists(path) else None
 
 
@@ -182,6 +235,8 @@ def convert_row(row, layout, name, src_dir, out_root):
             else (None, "empty question or answer")
     if name == "iconqa" and row.get("ques_type") == "choose_img":
         return None, "choose_img: the options are pictures"
+    if row.get("_drop"):  # the flatten function's reason
+        return None, row["_drop"]
     q = layout["q_from"].format(**row) if "q_from" in layout else row.get(layout["q"])
     a = row.get(layout["a"])
     if not q or a is None or a == "" or a == []:
@@ -225,7 +280,7 @@ def convert(name, inputs, out):
     for src in inputs:
         shard = os.path.splitext(os.path.relpath(os.path.abspath(src), common))[0]
         rows = folder_rows(src) if layout.get("folder") else read_rows(src)
-        rows = tqa_questions(rows) if layout.get("nested") else rows
+        rows = FLATTEN[layout["flatten"]](rows) if "flatten" in layout else rows
         for i, row in enumerate(rows):
             n_rows += 1
             src_dir = row.pop("_dir", None) if isinstance(row, dict) else None

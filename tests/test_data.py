@@ -206,11 +206,59 @@ def orz(tmp):
                                                                 ("Solve $x^2=4$, $x>0$.", "2", None, None)]
 
 
+def geos(tmp):
+    # lmms-lab/LLaVA-OneVision-Data GEOS(MathV360K)/train-00000-of-00001.parquet: id, image, conversations, data_source;
+    # MathV360K's turns: "<image>\nHint: ...\nQuestion: ..." and "The answer is X"
+    a, b = png((30, 60, 90)), png((90, 60, 30))
+    hint = "<image>\nHint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+    q1 = "In the diagram, AB = BC. What is x?\nChoices:\n(A) 30\n(B) 45\n(C) 60\n(D) 90"
+    rows = [{"id": "identity_1", "image": {"bytes": a, "path": None}, "data_source": "GEOS(MathV360K)",
+             "conversations": [{"from": "human", "value": hint + "Question: " + q1}, {"from": "gpt", "value": "The answer is B"}]},
+            {"id": "identity_2", "image": {"bytes": b, "path": None}, "data_source": "GEOS(MathV360K)",
+             "conversations": [{"from": "human", "value": "<image>\nHint: Please answer the question requiring an integer "
+                                "answer and provide the final value, e.g., 1, 2, 3, at the end.\nQuestion: What is the area "
+                                "of the square?"}, {"from": "gpt", "value": "The answer is 16"}]},
+            {"id": "identity_3", "image": {"bytes": b, "path": None}, "data_source": "GEOS(MathV360K)",
+             "conversations": [{"from": "human", "value": "<image>\nFind y."}, {"from": "gpt", "value": "y is 3"}]}]
+    return [parquet(tmp / "LLaVA-OneVision-Data/GEOS(MathV360K)/train-00000-of-00001.parquet", rows)], \
+        [(q1, "B", None, a), ("What is the area of the square?", "16", None, b)]
+
+
+def atomthink_turn(question, steps):
+    # AtomThink's prompt (github Quinn777/AtomThink src/llamafactory/evaluation/utils/prompts.py) with <image> in front
+    return (f"<image>\nTHE GIVEN QUESTION:\n{question}\nAnswer the question using a single word or phrase.\n\n"
+            f"HISTORICAL REASONING STEPS:\n{steps}\n\nYour task is to predict the next step of reasoning ...")
+
+
+def atomthink(tmp):
+    # HF Quinn777/AMATH-SFT: AMATH-SFT.json (sharegpt: image, conversations; one record per atomic step) and
+    # images.zip unpacked to images/. Two problems share an image; one has no final step. The last step as in the
+    # repo's figures/asft1.png ("Step 7: To sum up, the final answer is: A.") and as its prompt asks (no "Step n:").
+    d = tmp / "AMATH-SFT"
+    for sub, color in (("geo", (5, 100, 5)), ("clevr", (100, 5, 5))):
+        (d / "images" / sub).mkdir(parents=True)
+        Image.new("RGB", (32, 24), color).save(d / "images" / sub / "1.png")
+    q1, q2, q3 = "As shown, find angle ABC.\nChoices:\n(A) 30°\n(B) 60°", "How many cubes are left?", "Find AB."
+    step = lambda image, q, steps, out: {"image": image, "conversations": [  # noqa: E731
+        {"from": "human", "value": atomthink_turn(q, steps)}, {"from": "gpt", "value": out}]}
+    records = [step("geo/1.png", q1, "Step 1: a.\n\nStep 2: b.", "Step 3: To sum up, the final answer is: B."),
+               step("geo/1.png", q1, "Step 1: a.", "Step 2: b."),
+               step("geo/1.png", q1, "", "Step 1: a."),
+               step("clevr/1.png", q2, "", "Step 1: there are 5 cubes, 2 are removed."),
+               step("geo/1.png", q3, "", "Step 1: AB is a side."),
+               step("clevr/1.png", q2, "Step 1: there are 5 cubes, 2 are removed.", "To sum up, the final answer is: 3")]
+    (d / "AMATH-SFT.json").write_text(json.dumps(records))
+    return [str(d / "AMATH-SFT.json")], [(q1, "B", None, d / "images/geo/1.png"), (q2, "3", None, d / "images/clevr/1.png")]
+
+
 RL_SETS = {"geometry3k": hf_geometry3k, "geoqa": geoqa, "mmk12": mmk12, "scienceqa": scienceqa, "chartqa": chartqa,
            "puzzlevqa": lambda t: puzzle(t, "PuzzleVQA"), "algopuzzlevqa": lambda t: puzzle(t, "AlgoPuzzleVQA"),
-           "pixmo_count": pixmo_count, "tqa": tqa, "geometry3k_intergps": geometry3k_intergps, "iconqa": iconqa, "orz": orz}
+           "pixmo_count": pixmo_count, "tqa": tqa, "geometry3k_intergps": geometry3k_intergps, "iconqa": iconqa, "orz": orz,
+           "geos": geos, "atomthink": atomthink}
 DROPPED = {"geoqa": {"no <answer> tag in the solution": 1, "image missing or unreadable": 1}, "pixmo_count": {"image missing or unreadable": 1},
-           "iconqa": {"choose_img: the options are pictures": 1}, "orz": {"empty question or answer": 1}}
+           "iconqa": {"choose_img: the options are pictures": 1}, "orz": {"empty question or answer": 1},
+           "geos": {"no 'The answer is ...' in the gpt turn": 1},
+           "atomthink": {"no final step ('To sum up, the final answer is')": 1}}
 
 
 @pytest.mark.parametrize("name", sorted(RL_SETS))
@@ -223,6 +271,22 @@ def test_rl_set_converts_and_loads(name, tmp_path):
     manifest = json.loads((tmp_path / "rl" / f"{name}.jsonl.manifest.json").read_text())
     assert manifest["problems"] == len(expected) and manifest["dropped"] == DROPPED.get(name, {})
     assert manifest["rows"] == len(expected) + sum(manifest["dropped"].values())
+
+
+def test_atomthink_data_engine_layout(tmp_path):
+    # the records as AtomThink's data engine writes them (github Quinn777/AtomThink, data_engine/generate_with_gt.py
+    # at 5bb7f3e): final_input_prompt, image, conversations, answer; the prompt without "THE GIVEN QUESTION:"
+    d = tmp_path / "AtomMATH"
+    (d / "images").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (7, 77, 177)).save(d / "images" / "42.png")
+    prompt = "<image>\nWhat is the perimeter?\nAnswer the question using a single word or phrase."
+    records = [{"final_input_prompt": prompt, "image": "42.png", "answer": "24",
+                "conversations": [{"from": "human", "value": f"{prompt}\n\nHISTORICAL REASONING STEPS:\n{h}\n\nYour task ..."},
+                                  {"from": "gpt", "value": g}]}
+               for h, g in (("Step 1: the side is 6.", "Step 2: 4 * 6 = 24."), ("", "Step 1: the side is 6."))]
+    (d / "AMATH-SFT.json").write_text(json.dumps(records))
+    run("data/prepare_rl.py", "atomthink", str(d / "AMATH-SFT.json"), str(tmp_path / "rl" / "atomthink.jsonl"))
+    check(rl.load_data(str(tmp_path / "rl" / "atomthink.jsonl")), [("What is the perimeter?", "24", None, d / "images/42.png")])
 
 
 def test_same_shard_names_never_share_images_or_ids(tmp_path):
