@@ -42,8 +42,9 @@ python sft.py config/sft_demo.py --init_from="$OUT/base" --out_dir="$OUT/sft" --
 python eval.py config/eval_demo.py --model="$OUT/sft/hf" --out_dir="$OUT/eval_sft" --data_dir="$DATA" $EVAL_ARGS
 
 step "5/6 multimodal RL -> $OUT/rl"
-python rl.py config/rl_demo.py --init_from="$OUT/sft/hf" --out_dir="$OUT/rl" --data_path="$DATA/rl_image.jsonl,$DATA/rl_lists.jsonl,$DATA/rl_add.jsonl" \
-    --eval_path="$DATA/eval_rl.jsonl" --seed="$SEED" $RL_ARGS
+python rl.py config/rl_demo.py --init_from="$OUT/sft/hf" --out_dir="$OUT/rl" \
+    --data_path="$DATA/rl_image.jsonl,$DATA/rl_lists.jsonl,$DATA/rl_add.jsonl" --eval_path="$DATA/eval_rl.jsonl" \
+    --seed="$SEED" $RL_ARGS
 python eval.py config/eval_demo.py --model="$OUT/rl/hf" --out_dir="$OUT/eval_rl" --data_dir="$DATA" $EVAL_ARGS
 
 step "6/6 report"

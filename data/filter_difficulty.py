@@ -5,7 +5,7 @@ min_pass and max_pass; by default drop the always-right and the never-right, whi
 Per-sample results go to OUT.samples.jsonl, so re-running the same command resumes.
 
     python data/filter_difficulty.py --model=out/sft/hf --data=data/rl/train.jsonl --out=data/rl/train_filtered.jsonl
-    python data/filter_difficulty.py --model=out/sft_demo/hf --data=data/demo/rl.jsonl --out=data/demo/rl_filtered.jsonl \\
+    python data/filter_difficulty.py --model=out/sft_demo/hf --data=data/demo/rl_image.jsonl --out=data/demo/rl_image_f.jsonl \\
         --engine=torch --device=cpu --k=4 --max_tokens=160 --template="{question}"
 """
 import json

@@ -48,7 +48,8 @@ _SPLIT = [(a, b) for a in range(10) for b in range(a + 1, 10)]
 random.Random(1234).shuffle(_SPLIT)
 _SPLIT = [p if random.Random(1234 + i).random() < 0.5 else p[::-1] for i, p in enumerate(_SPLIT)]
 EVAL_PAIRS, RL_PAIRS = _SPLIT[:10], _SPLIT[10:22]
-SFT_PAIRS = [p for q in _SPLIT[22:] for p in (q, q[::-1])] + [p[::-1] for p in _SPLIT[:22]] + [(a, a) for a in range(10)]
+SFT_PAIRS = ([p for q in _SPLIT[22:] for p in (q, q[::-1])] + [p[::-1] for p in _SPLIT[:22]]
+             + [(a, a) for a in range(10)])
 P_IMAGERY = 0.5   # share of list-count traces that picture the list in mind ("Let me picture them in my mind.")
 P_CHECK = 0.5     # share of list-count traces that check the glance: "Let me look at the picture again and count"
 P_WRONG = 0.4     # share of checking traces whose first answer is off (the check corrects it)
@@ -133,8 +134,8 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
-def main(out="data/demo", seed=0, n_sft=3000, n_sft_image=300, n_rl=2000, n_rl_lists=1400, n_rl_add=600, n_eval_text=200,
-         n_eval_image=200, eval_rl_each=30):
+def main(out="data/demo", seed=0, n_sft=3000, n_sft_image=300, n_rl=2000, n_rl_lists=1400, n_rl_add=600,
+         n_eval_text=200, n_eval_image=200, eval_rl_each=30):
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     sft = []
