@@ -310,18 +310,20 @@ def next_mixed(k, state, sources, rank, world):
     return [sources[j][1] + next(picks[j]) for j in which]
 
 
-def source_sums(groups, names):
+def source_sums(groups, names, behaviours):
     """Response count, reward sum, correct count and responses showing each behaviour per data source, with every
-    name present (the same keys on every rank, for one all-reduce)."""
+    name present (the same keys on every rank, for one all-reduce). behaviours: ev.detect_behaviours of every
+    response, in the order of the groups' completions."""
     keys = ["n", "reward", "correct"] + [f"behaviour/{b}" for b in ev.BEHAVIOURS]
     out = {f"{k}/{name}": 0.0 for name in names for k in keys}
+    behaviours = iter(behaviours)
     for g in groups:
         name = g["problem"]["mix_source"]
         out[f"n/{name}"] += len(g["rewards"])
         out[f"reward/{name}"] += sum(g["rewards"])
         out[f"correct/{name}"] += sum(c > 0 for c in g["correct"])
-        for c in g["completions"]:
-            for b, k in ev.detect_behaviours(c.text).items():
+        for _ in g["completions"]:
+            for b, k in next(behaviours).items():
                 out[f"behaviour/{b}/{name}"] += k > 0
     return out
 
@@ -756,7 +758,7 @@ def main():
                  time_gen=mx["time_gen"], time_reward=mx["time_reward"], time_train=t_train, time_sync=t_sync,
                  time_step=time.time() - t_step, **{k: s[k] / n for k in s if k.startswith("behaviour/")})
         if len(sources) > 1:  # reward and accuracy per data source over all sampled responses, summed over ranks
-            per = reduce(source_sums(seen, [name for name, *_ in sources]))
+            per = reduce(source_sums(seen, [name for name, *_ in sources], beh))
             for name, *_ in sources:
                 n_src = per[f"n/{name}"]
                 m[f"source/{name}/responses"] = int(n_src)

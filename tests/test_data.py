@@ -436,7 +436,8 @@ def test_source_sums_by_hand():
                "completions": [c("Let me look at the picture again."), c("3"), c("4")]},
               {"problem": {"mix_source": "text"}, "rewards": [0.0, 0.0, 1.0], "correct": [0.0, 0.0, 1.0],
                "completions": [c("1"), c("2"), c("3")]}]
-    got = rl.source_sums(groups, ["text", "image", "unused"])
+    got = rl.source_sums(groups, ["text", "image", "unused"],
+                         [ev.detect_behaviours(c.text) for g in groups for c in g["completions"]])
     beh = {f"behaviour/{b}/{name}": 0 for b in ev.BEHAVIOURS for name in ("text", "image", "unused")}
     beh.update({"behaviour/verification/text": 2, "behaviour/backtracking/text": 1,
                 "behaviour/visual_reflection/image": 1})  # responses showing each, counted by hand
