@@ -517,9 +517,14 @@ def main():
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP: all-reduced
         loss_val, norm_val = loss_sum.item(), norm.item()
         # NaN/inf, or far above the run's own history: stop before the update, naming the last good checkpoint
-        # (a loss spike of 10x, or a grad norm 100x up or 10x down, is past anything a healthy run does)
+        # (a loss spike of 10x, or a grad norm 100x up, is past anything a healthy run does). A grad norm 10x down
+        # is a collapse only while the loss is not falling: a model that fits a small, easy set (the demo's 300
+        # picture traces) sees its grad norm fall 10x with the loss, and that is convergence
+        recent = sorted(losses[-50:])
+        falling = bool(recent) and loss_val < recent[len(recent) // 2]
         blow_up("loss", loss_val, losses, step + 1, ckpt_dir, high=blowup_factor)
-        blow_up("grad norm", norm_val, norms, step + 1, ckpt_dir, high=blowup_factor ** 2, low=blowup_factor)
+        blow_up("grad norm", norm_val, norms, step + 1, ckpt_dir, high=blowup_factor ** 2,
+                low=0 if falling else blowup_factor)
         if saved_at == step:  # the weights saved at the top of this step gave a normal loss: a good checkpoint
             mark_good(latest)
         losses.append(loss_val)

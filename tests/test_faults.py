@@ -17,7 +17,7 @@ import eval as ev
 import model as M
 import rl
 from test_rl import TOY, toy  # noqa: F401  (the toy RL task fixture: a warmed-up tiny model, "answer 3")
-from test_sft import base_args, run_sft, write_data
+from test_sft import base_args, metrics, run_sft, write_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -237,6 +237,16 @@ def test_sft_blow_up_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tm
     assert M.latest_checkpoint(ckpt) == os.path.join(ckpt, "step_000004")
     assert M.checkpoint_problem(os.path.join(ckpt, "step_000004")) is None  # keep_last=1 did not rotate it away
     assert steps_in(out) == [1, 2, 3, 4, 5]  # step 6 was not taken
+
+
+def test_sft_that_fits_a_small_set_is_not_stopped_as_a_collapse(tiny_model_dir, tmp_path):
+    # 4 short conversations, 40 epochs: the model learns them, the loss and the grad norm both fall 10x and more
+    data, out = write_data(str(tmp_path), n=4, images_every=0), str(tmp_path / "out")
+    run_sft(base_args(tiny_model_dir, data, out, batch_size=1, epochs=40, learning_rate=3e-3, lr_schedule="constant"))
+    m = [r for r in metrics(out) if "grad_norm" in r]
+    assert m[-1]["epoch"] == 39 and [r["step"] for r in m] == list(range(1, len(m) + 1))  # every step ran
+    assert m[-1]["loss"] < m[0]["loss"] / 10 and min(r["grad_norm"] for r in m[-10:]) < sorted(
+        r["grad_norm"] for r in m[:20])[10] / 10  # a fall the collapse check alone would have stopped
 
 
 @pytest.mark.slow
